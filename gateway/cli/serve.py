@@ -1,0 +1,137 @@
+"""`gateway serve`, `gateway config check`, `gateway version` and `gateway demo-provider`.
+
+Owns turning command-line options into a running server. Must not hold request logic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway import __version__
+from gateway.app import create_app
+from gateway.config import ConfigError, DemoSettings, Settings, load_settings
+from gateway.demo import DemoControl, start_demo
+from gateway.log import configure_logging, get_logger
+from gateway.routes import DRAINING
+
+log = get_logger("gateway.serve")
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", type=Path, help="YAML config file (default: embedded)")
+    serve.add_argument("--host", help="listen address (overrides server.host)")
+    serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    serve.add_argument("--workers", type=int, help="worker processes (overrides server.workers)")
+    serve.set_defaults(run=run_serve)
+
+    config = commands.add_parser("config", help="configuration tools")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    check = config_commands.add_parser("check", help="validate a config file")
+    check.add_argument("file", type=Path)
+    check.set_defaults(run=run_config_check)
+
+    version = commands.add_parser("version", help="print the version")
+    version.set_defaults(run=lambda args: print(__version__) or 0)
+
+    demo = commands.add_parser("demo-provider", help="run the OpenAI-compatible demo provider")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument("--mode", choices=["echo", "lorem", "script"], default="echo")
+    demo.add_argument("--script", type=Path, help="YAML file of scripted replies")
+    demo.add_argument("--latency-ms", type=float, default=0.0)
+    demo.add_argument("--chunk-delay-ms", type=float, default=0.0)
+    demo.add_argument("--chunk-chars", type=int, default=4)
+    demo.add_argument("--reply-words", type=int, default=24)
+    demo.set_defaults(run=run_demo_provider)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Loads `--config` (or the embedded default) and applies command-line overrides."""
+    settings = load_settings(getattr(args, "config", None))
+    given = {k: getattr(args, k, None) for k in ("host", "port", "workers")}
+    server = {k: v for k, v in given.items() if v is not None}
+    if not server:
+        return settings
+    return settings.model_copy(update={"server": settings.server.model_copy(update=server)})
+
+
+def run_config_check(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.file)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(f"{error.source}: {problem}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: ok ({len(settings.providers)} providers, {len(settings.models)} models)")
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    configure_logging(settings.logging.level, settings.logging.format)
+    _install_uvloop()
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _install_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def serve(settings: Settings) -> None:
+    """Serves until SIGTERM or SIGINT, then drains in-flight requests up to the deadline."""
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=settings.server.shutdown_timeout,
+    )
+    await runner.setup()
+    server = settings.server
+    site = web.TCPSite(runner, server.host, server.port, reuse_port=server.workers > 1)
+    await site.start()
+    log.info("gateway_started", host=server.host, port=server.port, version=__version__)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    app[DRAINING][0] = True
+    log.info("gateway_stopping", deadline_seconds=server.shutdown_timeout)
+    await runner.cleanup()
+    log.info("gateway_stopped")
+
+
+def run_demo_provider(args: argparse.Namespace) -> int:
+    configure_logging()
+    settings = DemoSettings(
+        mode=args.mode, script_file=args.script, latency_ms=args.latency_ms,
+        chunk_delay_ms=args.chunk_delay_ms, chunk_chars=args.chunk_chars,
+        reply_words=args.reply_words,
+    )  # fmt: skip
+    _install_uvloop()
+    asyncio.run(_demo(args.host, args.port, DemoControl(settings=settings)))
+    return 0
+
+
+async def _demo(host: str, port: int, control: DemoControl) -> None:
+    runner = await start_demo(host, port, control)
+    log.info("demo_provider_started", host=host, port=port, mode=control.settings.mode)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await runner.cleanup()

@@ -1,0 +1,117 @@
+"""HTTP concerns around every handler: request id and log context, HTTP metrics, error rendering.
+
+Owns turning any failure into OpenAI's error shape in one place. Must not read or change
+request or response bodies, nor streams.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+import orjson
+import structlog
+from aiohttp import web
+
+from gateway import metrics
+from gateway.catalog import Catalog
+from gateway.errors import (
+    GatewayError,
+    InternalError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+    PayloadTooLargeError,
+    status_of,
+)
+from gateway.log import get_logger
+from gateway.routes import CATALOG, EXCHANGE, REQUEST_ID, request_id_of
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+log = get_logger("gateway.http")
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Assigns the request id, binds it to every log line, and returns it as a header."""
+    request_id = request_id_of(request)
+    request[REQUEST_ID] = request_id
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    response = await handler(request)
+    if not response.prepared:
+        response.headers["x-request-id"] = request_id
+    return response
+
+
+@web.middleware
+async def record_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts requests by route, model and status, and tracks in-flight and overhead."""
+    metrics.IN_FLIGHT.inc()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        metrics.IN_FLIGHT.dec()
+        _observe(request, status)
+
+
+def _observe(request: web.Request, status: int) -> None:
+    exchange = request.get(EXCHANGE)
+    if exchange is None:
+        route = "ops" if request.match_info.route.resource is not None else "unmatched"
+        metrics.REQUESTS.labels(route, "", str(status)).inc()
+        return
+    exchange.timings.finished = time.perf_counter()
+    catalog: Catalog = request.app[CATALOG]
+    model = exchange.model if exchange.model in catalog.names() else "other"
+    if exchange.model is None:
+        model = ""
+    metrics.REQUESTS.labels(exchange.endpoint, model, str(exchange.status or status)).inc()
+    if exchange.status < 400:
+        metrics.OVERHEAD_SECONDS.labels(exchange.endpoint).observe(exchange.timings.overhead())
+
+
+@web.middleware
+async def render_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one place errors become responses; the client never sees a traceback."""
+    try:
+        return await handler(request)
+    except GatewayError as error:
+        return _rejected(request, error)
+    except web.HTTPException as exc:
+        return _rejected(request, _translate_http(exc))
+    except Exception:
+        request_id = request.get(REQUEST_ID, "unknown")
+        log.exception("unhandled_error", path=request.path)
+        return _error_response(
+            InternalError(f"The gateway failed to handle this request (request id {request_id}).")
+        )
+
+
+def _rejected(request: web.Request, error: GatewayError) -> web.Response:
+    log.info("request_rejected", method=request.method, path=request.path,
+             status=status_of(error), code=error.error_code)  # fmt: skip
+    return _error_response(error)
+
+
+def _translate_http(exc: web.HTTPException) -> GatewayError:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return PayloadTooLargeError(
+            "The request body is larger than this gateway accepts. Send a smaller request."
+        )
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return MethodNotAllowedError(f"Method {exc.method} is not allowed on this path.")
+    if isinstance(exc, web.HTTPNotFound):
+        return NotFoundError("Unknown request URL. This gateway serves the OpenAI API under /v1/.")
+    return InvalidRequestError(exc.reason or "The request could not be handled.")
+
+
+def _error_response(error: GatewayError) -> web.Response:
+    headers = {**error.headers, "Content-Type": "application/json"}
+    return web.Response(status=status_of(error), body=orjson.dumps(error.body()), headers=headers)

@@ -1,0 +1,121 @@
+"""The stage contract and the runner that passes one exchange through the ordered stages.
+
+Owns `Stage` (pass-through defaults), the hook order (requests in list order; responses,
+streams and completion in reverse, for the stages that ran) and per-stage timing. Must not
+know HTTP or any particular stage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, ClassVar, TypeVar
+
+import orjson
+
+from gateway import metrics
+from gateway.errors import GatewayError, UpstreamError, status_of
+from gateway.exchange import Exchange, JsonReply, Reply, StreamReply
+from gateway.sse import SseEvent
+
+_T = TypeVar("_T")
+
+Forward = Callable[[Exchange], Awaitable[Reply]]
+
+
+class Stage:
+    """A step of the pipeline. Every hook passes through unless overridden."""
+
+    name: ClassVar[str] = "stage"
+
+    async def on_request(self, exchange: Exchange) -> None:
+        """May change `exchange.body` (then call `mark_changed`) or raise a `GatewayError`."""
+
+    async def on_response(self, exchange: Exchange, completion: dict[str, Any]) -> dict[str, Any]:
+        """Returns the full JSON completion, possibly changed."""
+        return completion
+
+    def on_stream(
+        self, exchange: Exchange, events: AsyncIterator[SseEvent]
+    ) -> AsyncIterator[SseEvent]:
+        """Wraps the stream of events; keeps per-request state and flushes at the end."""
+        return events
+
+    async def on_complete(self, exchange: Exchange) -> None:
+        """Runs once the client has its answer or error, for every stage whose request hook ran."""
+
+
+def _overrides(stage: Stage, hook: str) -> bool:
+    return getattr(type(stage), hook) is not getattr(Stage, hook)
+
+
+class Pipeline:
+    """Runs an exchange through `stages` around `forward` (the provider call)."""
+
+    def __init__(self, stages: Sequence[Stage], forward: Forward) -> None:
+        self.stages = tuple(stages)
+        self._forward = forward
+        self._response_stages = {s for s in self.stages if _overrides(s, "on_response")}
+        self._stream_stages = {s for s in self.stages if _overrides(s, "on_stream")}
+
+    async def run(self, exchange: Exchange, respond: Callable[[Reply], Awaitable[None]]) -> None:
+        """Passes the request through every stage, calls the provider, and hands the
+        (wrapped) reply to `respond`, which writes it to the client."""
+        ran: list[Stage] = []
+        try:
+            for stage in self.stages:
+                ran.append(stage)
+                await _timed(stage, "request", stage.on_request(exchange))
+            reply = await self._forward(exchange)
+            exchange.status = reply.status
+            await respond(await self._wrap(exchange, reply, ran))
+        except GatewayError as error:
+            exchange.status = status_of(error)
+            exchange.error_code = error.error_code
+            raise
+        except Exception:
+            exchange.status = 500
+            exchange.error_code = "internal_error"
+            raise
+        finally:
+            if exchange.status == 0:
+                exchange.status = 499  # the client went away before an answer
+            for stage in reversed(ran):
+                await _timed(stage, "complete", stage.on_complete(exchange))
+
+    async def _wrap(self, exchange: Exchange, reply: Reply, ran: list[Stage]) -> Reply:
+        if isinstance(reply, StreamReply):
+            events = reply.events
+            for stage in reversed(ran):
+                if stage in self._stream_stages:
+                    events = stage.on_stream(exchange, events)
+            reply.events = events
+            return reply
+        wanted = [s for s in reversed(ran) if s in self._response_stages]
+        if not wanted:
+            return reply
+        completion = _parse_completion(reply)
+        for stage in wanted:
+            completion = await _timed(stage, "response", stage.on_response(exchange, completion))
+        reply.body = completion
+        return reply
+
+
+def _parse_completion(reply: JsonReply) -> dict[str, Any]:
+    if reply.body is not None:
+        return reply.body
+    try:
+        body = orjson.loads(reply.raw)
+    except orjson.JSONDecodeError as exc:
+        raise UpstreamError("The provider answered with a body that is not JSON.") from exc
+    if not isinstance(body, dict):
+        raise UpstreamError("The provider answered with JSON that is not an object.")
+    return body
+
+
+async def _timed(stage: Stage, hook: str, call: Awaitable[_T]) -> _T:
+    started = time.perf_counter()
+    try:
+        return await call
+    finally:
+        metrics.STAGE_SECONDS.labels(stage.name, hook).observe(time.perf_counter() - started)

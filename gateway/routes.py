@@ -1,0 +1,231 @@
+"""The HTTP surface: OpenAI endpoints, ops endpoints, and how replies are written.
+
+Owns request parsing and validation into an `Exchange`, the AppKeys handlers read, writing
+JSON and SSE replies (with one SSE error event if a stream fails), `/healthz`, `/readyz` and
+`/metrics`. Must not hold business rules: those are stages.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from gateway import metrics
+from gateway.catalog import Catalog
+from gateway.config import Settings
+from gateway.errors import GatewayError, InvalidRequestError
+from gateway.exchange import Exchange, JsonReply, Reply, StreamReply
+from gateway.log import get_logger
+from gateway.pipeline import Pipeline
+from gateway.sse import json_event
+
+ReadyCheck = Callable[[], Awaitable[str | None]]
+"""Returns None when a dependency is fine, else a short reason."""
+
+SETTINGS = web.AppKey("settings", Settings)
+PIPELINE = web.AppKey("pipeline", Pipeline)
+CATALOG = web.AppKey("catalog", Catalog)
+READY_CHECKS = web.AppKey("ready_checks", list[ReadyCheck])
+DRAINING = web.AppKey("draining", list[bool])
+RENDER_METRICS = web.AppKey("render_metrics", Callable[[], bytes])
+EXCHANGE = web.RequestKey("exchange", Exchange)
+REQUEST_ID = web.RequestKey("request_id", str)
+
+PROXY_ENDPOINTS = {
+    "/v1/chat/completions": "chat.completions",
+    "/v1/responses": "responses",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+}
+_REQUIRED_FIELDS = {
+    "chat.completions": "messages",
+    "completions": "prompt",
+    "embeddings": "input",
+}
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+log = get_logger("gateway.routes")
+
+
+def add_routes(app: web.Application) -> None:
+    for path in PROXY_ENDPOINTS:
+        app.router.add_post(path, proxy)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", get_model)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+
+
+def request_id_of(request: web.Request) -> str:
+    """The request's id: the client's `x-request-id` when well formed, else a new one."""
+    given = request.headers.get("x-request-id", "")
+    return given if _REQUEST_ID.match(given) else "req_" + uuid.uuid4().hex
+
+
+async def proxy(request: web.Request) -> web.StreamResponse:
+    endpoint = PROXY_ENDPOINTS[request.path]
+    raw = await request.read()
+    body = _parse_body(raw)
+    _validate(endpoint, body)
+    exchange = _new_exchange(request, endpoint, raw, body)
+    exchange.model = body["model"]
+    exchange.route = request.app[CATALOG].resolve(exchange.model)
+    exchange.is_stream = body.get("stream") is True
+    exchange.client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    return await _run(request, exchange)
+
+
+async def list_models(request: web.Request) -> web.StreamResponse:
+    return await _run(request, _new_exchange(request, "models", b"", {}))
+
+
+async def get_model(request: web.Request) -> web.StreamResponse:
+    exchange = _new_exchange(request, "models", b"", {})
+    exchange.model = request.match_info["model"]
+    return await _run(request, exchange)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if request.app[DRAINING][0]:
+        return web.json_response({"status": "draining"}, status=503)
+    problems = [p for p in [await check() for check in request.app[READY_CHECKS]] if p]
+    if problems:
+        return web.json_response({"status": "unavailable", "problems": problems}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    body = request.app[RENDER_METRICS]()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _new_exchange(
+    request: web.Request, endpoint: str, raw: bytes, body: dict[str, Any]
+) -> Exchange:
+    exchange = Exchange(
+        request_id=request[REQUEST_ID],
+        endpoint=endpoint,
+        method=request.method,
+        path=request.path,
+        headers=request.headers,
+        client_address=_client_address(request),
+        raw_body=raw,
+        body=body,
+    )
+    request[EXCHANGE] = exchange
+    return exchange
+
+
+def _client_address(request: web.Request) -> str:
+    if request.app[SETTINGS].server.trust_forwarded_for:
+        forwarded = request.headers.get("x-forwarded-for", "")
+        if forwarded:
+            return forwarded.split(",")[0].strip()
+    return request.remote or ""
+
+
+def _parse_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequestError(
+            "We could not parse the JSON body of your request. Send a JSON object with "
+            "Content-Type: application/json.",
+            code="invalid_json",
+        ) from exc
+    if not isinstance(body, dict):
+        raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def _validate(endpoint: str, body: dict[str, Any]) -> None:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequestError("You must provide a model parameter.", param="model")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequestError("'stream' must be true or false.", param="stream")
+    required = _REQUIRED_FIELDS.get(endpoint)
+    if required and required not in body:
+        raise InvalidRequestError(f"Missing required parameter: '{required}'.", param=required)
+    if endpoint == "chat.completions" and not (
+        isinstance(body["messages"], list) and body["messages"]
+    ):
+        raise InvalidRequestError("'messages' must be a non-empty array.", param="messages")
+    if endpoint == "responses" and "input" not in body and "previous_response_id" not in body:
+        raise InvalidRequestError("Missing required parameter: 'input'.", param="input")
+
+
+async def _run(request: web.Request, exchange: Exchange) -> web.StreamResponse:
+    written: list[web.StreamResponse] = []
+
+    async def respond(reply: Reply) -> None:
+        if isinstance(reply, StreamReply):
+            written.append(await _write_stream(request, exchange, reply))
+        else:
+            written.append(_json_response(exchange, reply))
+
+    await request.app[PIPELINE].run(exchange, respond)
+    return written[0]
+
+
+def _reply_headers(exchange: Exchange, upstream: dict[str, str]) -> dict[str, str]:
+    return {**upstream, **exchange.response_headers, "x-request-id": exchange.request_id}
+
+
+def _json_response(exchange: Exchange, reply: JsonReply) -> web.Response:
+    body = orjson.dumps(reply.body) if reply.body is not None else reply.raw
+    headers = _reply_headers(exchange, reply.headers)
+    headers["Content-Type"] = "application/json"
+    return web.Response(status=reply.status, body=body, headers=headers)
+
+
+async def _write_stream(
+    request: web.Request, exchange: Exchange, reply: StreamReply
+) -> web.StreamResponse:
+    headers = _reply_headers(exchange, reply.headers)
+    headers.update({"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                    "X-Accel-Buffering": "no"})  # fmt: skip
+    response = web.StreamResponse(status=reply.status, headers=headers)
+    await response.prepare(request)
+    try:
+        async for event in reply.events:
+            await response.write(event.encode())
+            if not exchange.timings.first_written:
+                exchange.timings.first_written = time.perf_counter()
+                metrics.FIRST_CHUNK_SECONDS.labels(exchange.endpoint).observe(
+                    exchange.timings.first_written - exchange.timings.started
+                )
+    except GatewayError as error:
+        await _write_stream_error(response, exchange, error)
+    finally:
+        await reply.close()
+    await response.write_eof()
+    return response
+
+
+async def _write_stream_error(
+    response: web.StreamResponse, exchange: Exchange, error: GatewayError
+) -> None:
+    """Ends a started stream with one error event the openai SDK raises as `APIError`."""
+    exchange.error_code = error.error_code
+    log.warning("stream_failed", code=error.error_code, error_type=error.type)
+    payload = error.body()
+    if exchange.endpoint == "responses":
+        detail = payload["error"]
+        payload = {"type": "error", "code": detail.get("code"), "message": detail.get("message"),
+                   "param": detail.get("param"), **payload}  # fmt: skip
+        await response.write(json_event(payload, event="error").encode())
+        return
+    await response.write(json_event(payload).encode())

@@ -1,0 +1,107 @@
+"""Server-sent events: the value type, an incremental parser and the encoder.
+
+Owns the SSE wire format (WHATWG event stream). Must not know about OpenAI payloads beyond
+the `[DONE]` sentinel, and must not do I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+DONE = "[DONE]"
+
+
+@dataclass(frozen=True, slots=True)
+class SseEvent:
+    """One event: `data` is the joined data lines, `event` the optional event name."""
+
+    data: str
+    event: str | None = None
+
+    @property
+    def is_done(self) -> bool:
+        return self.data == DONE
+
+    def json(self) -> Any:
+        return json.loads(self.data)
+
+    def encode(self) -> bytes:
+        head = f"event: {self.event}\n" if self.event else ""
+        body = "".join(f"data: {line}\n" for line in self.data.split("\n"))
+        return (head + body + "\n").encode()
+
+
+def json_event(payload: dict[str, Any], *, event: str | None = None) -> SseEvent:
+    """An event whose data is `payload` serialized compactly."""
+    return SseEvent(json.dumps(payload, separators=(",", ":"), ensure_ascii=False), event)
+
+
+class SseParser:
+    """Turns arbitrary byte chunks into complete events, keeping partial lines across feeds."""
+
+    __slots__ = ("_buffer", "_data", "_event")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._data: list[str] = []
+        self._event: str | None = None
+
+    def feed(self, chunk: bytes) -> Iterator[SseEvent]:
+        self._buffer += chunk
+        while True:
+            cut = _line_end(self._buffer)
+            if cut is None:
+                return
+            end, skip = cut
+            line = self._buffer[:end].decode("utf-8", errors="replace")
+            self._buffer = self._buffer[end + skip :]
+            event = self._take_line(line)
+            if event is not None:
+                yield event
+
+    def flush(self) -> Iterator[SseEvent]:
+        """Ends the stream: a final event without its blank line still counts."""
+        if self._buffer:
+            event = self._take_line(self._buffer.decode("utf-8", errors="replace"))
+            self._buffer = b""
+            if event is not None:
+                yield event
+        event = self._take_line("")
+        if event is not None:
+            yield event
+
+    def _take_line(self, line: str) -> SseEvent | None:
+        if not line:
+            return self._dispatch()
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value or None
+        return None
+
+    def _dispatch(self) -> SseEvent | None:
+        if not self._data:
+            self._event = None
+            return None
+        event = SseEvent("\n".join(self._data), self._event)
+        self._data = []
+        self._event = None
+        return event
+
+
+def _line_end(buffer: bytes) -> tuple[int, int] | None:
+    """Index and length of the first line terminator (CRLF, LF or CR), if complete."""
+    lf = buffer.find(b"\n")
+    cr = buffer.find(b"\r")
+    if cr == -1 or (lf != -1 and lf < cr):
+        return None if lf == -1 else (lf, 1)
+    if cr == len(buffer) - 1:
+        return None  # a CR at the end may be the first half of CRLF
+    return (cr, 2) if buffer[cr + 1 : cr + 2] == b"\n" else (cr, 1)

@@ -1,0 +1,1 @@
+"""Pipeline stages: one behaviour per module, wired in order by `gateway.app`."""

@@ -1,0 +1,322 @@
+"""Calls to model providers: the one outbound HTTP client of the gateway.
+
+Owns the aiohttp client session, provider dialects (OpenAI-compatible, Azure), header hygiene,
+timeouts, retries with backoff, fallback providers and the translation of aiohttp errors into
+gateway errors. Must not look at completions beyond status and framing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from gateway import metrics
+from gateway.config import ProviderSettings, Settings
+from gateway.errors import (
+    GatewayError,
+    NotFoundError,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTimeoutError,
+)
+from gateway.exchange import Exchange, JsonReply, Reply, StreamReply
+from gateway.sse import SseEvent, SseParser
+
+PATHS = {
+    "chat.completions": "/chat/completions",
+    "responses": "/responses",
+    "completions": "/completions",
+    "embeddings": "/embeddings",
+}
+# Client headers worth passing on; everything else (credentials, cookies, hop-by-hop,
+# the client's OpenAI organisation or project) stays at the gateway.
+FORWARDED_REQUEST_HEADERS = ("accept", "user-agent", "openai-beta")
+FORWARDED_REQUEST_PREFIXES = ("x-stainless-",)
+# Provider headers worth returning; set-cookie, rate-limit and server details are not.
+RETURNED_RESPONSE_HEADERS = {
+    "openai-processing-ms": "openai-processing-ms",
+    "openai-version": "openai-version",
+    "x-request-id": "x-upstream-request-id",
+}
+_RETRY_JITTER = random.Random()  # noqa: S311 - jitter is not a security decision
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One provider as the client sees it: resolved URL root, key and settings."""
+
+    name: str
+    base_url: str
+    settings: ProviderSettings
+
+
+class UpstreamClient:
+    """Sends an exchange to its provider, retrying and falling back before any byte is sent."""
+
+    def __init__(self, settings: Settings, base_urls: Mapping[str, str] | None = None) -> None:
+        resolved = dict(base_urls or {})
+        self._targets = {
+            name: Target(name, resolved.get(name, p.base_url).rstrip("/"), p)
+            for name, p in settings.providers.items()
+        }
+        self._fallback_models = {m.name: dict(m.fallback_models) for m in settings.models}
+        pool = max(p.max_connections for p in settings.providers.values())
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=pool, ttl_dns_cache=300),
+            auto_decompress=True,
+            skip_auto_headers=("User-Agent",),
+            json_serialize=lambda value: orjson.dumps(value).decode(),
+        )
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def forward(self, exchange: Exchange) -> Reply:
+        """The pipeline's terminal step. Raises `GatewayError` subclasses only."""
+        route = exchange.route
+        if route is None:
+            raise NotFoundError(
+                f"The model {exchange.model!r} does not exist or you do not have access to it.",
+                param="model",
+                code="model_not_found",
+            )
+        chain = [route.provider, *self._targets[route.provider].settings.fallbacks]
+        last: GatewayError | None = None
+        for index, name in enumerate(chain):
+            if index:
+                metrics.UPSTREAM_RETRIES.labels(name, "fallback").inc()
+            target = self._targets[name]
+            try:
+                return await self._try_provider(exchange, target)
+            except (UpstreamError, UpstreamTimeoutError, UpstreamStatusError) as error:
+                if _retry_delay(error, 0, target.settings) is None:
+                    raise
+                last = error
+        assert last is not None  # noqa: S101 - the chain always has one provider
+        raise last
+
+    async def _try_provider(self, exchange: Exchange, target: Target) -> Reply:
+        retries = target.settings.retries
+        attempt = 0
+        while True:
+            exchange.upstream_attempts += 1
+            try:
+                return await self._send(exchange, target)
+            except (UpstreamError, UpstreamTimeoutError, UpstreamStatusError) as error:
+                delay = _retry_delay(error, attempt, target.settings)
+                if delay is None or attempt >= retries.attempts:
+                    raise
+            metrics.UPSTREAM_RETRIES.labels(target.name, "retry").inc()
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def _send(self, exchange: Exchange, target: Target) -> Reply:
+        url, headers, data = self._request_for(exchange, target)
+        timeouts = target.settings.timeouts
+        deadline = time.monotonic() + timeouts.total
+        exchange.provider = target.name
+        exchange.timings.upstream_sent = time.perf_counter()
+        try:
+            async with asyncio.timeout(min(timeouts.first_byte, timeouts.total)):
+                response = await self._session.post(
+                    url,
+                    data=data,
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(
+                        total=None, connect=timeouts.connect, sock_connect=timeouts.connect
+                    ),
+                )
+        except TimeoutError as exc:
+            raise _count(target, "timeout", UpstreamTimeoutError(_timeout_message(target))) from exc
+        except aiohttp.ClientError as exc:
+            raise _count(target, "connect", UpstreamError(_connect_message(target))) from exc
+        exchange.timings.upstream_headers = time.perf_counter()
+        metrics.UPSTREAM_SECONDS.labels(target.name).observe(
+            exchange.timings.upstream_headers - exchange.timings.upstream_sent
+        )
+        returned = _returned_headers(response.headers)
+        if response.status >= 400:
+            body = await _read_all(response, target, deadline)
+            raise _count(target, "status", _status_error(response, body, returned))
+        if exchange.is_stream and response.content_type == "text/event-stream":
+            return _stream_reply(response, returned, target, deadline, exchange)
+        raw = await _read_all(response, target, deadline)
+        exchange.timings.upstream_done = time.perf_counter()
+        return JsonReply(response.status, returned, raw)
+
+    def _request_for(self, exchange: Exchange, target: Target) -> tuple[str, dict[str, str], bytes]:
+        settings = target.settings
+        upstream_model = self._upstream_model(exchange, target.name)
+        headers = _forwarded_headers(exchange.headers)
+        headers.update(settings.headers)
+        headers["Content-Type"] = "application/json"
+        headers["X-Request-Id"] = exchange.request_id
+        key = settings.api_key.get_secret_value() if settings.api_key else None
+        path = PATHS[exchange.endpoint]
+        if settings.kind == "azure":
+            url = _azure_url(target, exchange.endpoint, upstream_model)
+            if key:
+                headers["api-key"] = key
+        else:
+            url = target.base_url + path
+            if key:
+                headers["Authorization"] = f"Bearer {key}"
+        return url, headers, _body_bytes(exchange, upstream_model)
+
+    def _upstream_model(self, exchange: Exchange, provider: str) -> str:
+        route = exchange.route
+        assert route is not None  # noqa: S101 - checked by forward
+        if provider == route.provider:
+            return route.upstream_model
+        return self._fallback_models.get(route.model, {}).get(provider, route.upstream_model)
+
+
+def _body_bytes(exchange: Exchange, upstream_model: str) -> bytes:
+    if exchange.body.get("model") == upstream_model:
+        return orjson.dumps(exchange.body) if exchange.body_changed else exchange.raw_body
+    return orjson.dumps({**exchange.body, "model": upstream_model})
+
+
+def _azure_url(target: Target, endpoint: str, deployment: str) -> str:
+    version = target.settings.api_version
+    if endpoint == "responses":
+        return f"{target.base_url}/openai/responses?api-version={version}"
+    path = f"/openai/deployments/{deployment}{PATHS[endpoint]}"
+    return f"{target.base_url}{path}?api-version={version}"
+
+
+def _forwarded_headers(client_headers: Mapping[str, str]) -> dict[str, str]:
+    headers = {}
+    for name, value in client_headers.items():
+        lower = name.lower()
+        if lower in FORWARDED_REQUEST_HEADERS or lower.startswith(FORWARDED_REQUEST_PREFIXES):
+            headers[name] = value
+    return headers
+
+
+def _returned_headers(upstream: Mapping[str, str]) -> dict[str, str]:
+    return {
+        ours: upstream[theirs] for theirs, ours in RETURNED_RESPONSE_HEADERS.items()
+        if theirs in upstream
+    }  # fmt: skip
+
+
+async def _read_all(response: aiohttp.ClientResponse, target: Target, deadline: float) -> bytes:
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            return await response.read()
+    except TimeoutError as exc:
+        raise _count(target, "timeout", UpstreamTimeoutError(_timeout_message(target))) from exc
+    except aiohttp.ClientError as exc:
+        raise _count(target, "connect", UpstreamError(_connect_message(target))) from exc
+    finally:
+        response.release()
+
+
+def _stream_reply(
+    response: aiohttp.ClientResponse,
+    headers: dict[str, str],
+    target: Target,
+    deadline: float,
+    exchange: Exchange,
+) -> StreamReply:
+    async def close() -> None:
+        response.close()
+
+    events = _read_events(response, target, deadline, exchange)
+    return StreamReply(response.status, headers, events, close)
+
+
+async def _read_events(
+    response: aiohttp.ClientResponse, target: Target, deadline: float, exchange: Exchange
+) -> AsyncIterator[SseEvent]:
+    """Yields events as they arrive; an idle gap or the total deadline ends it with 504."""
+    parser = SseParser()
+    idle = target.settings.timeouts.idle
+    timings = exchange.timings
+    while True:
+        try:
+            async with asyncio.timeout(min(idle, max(0.0, deadline - time.monotonic()))):
+                chunk = await response.content.readany()
+        except TimeoutError as exc:
+            raise _count(target, "timeout", UpstreamTimeoutError(_idle_message(target))) from exc
+        except aiohttp.ClientError as exc:
+            raise _count(target, "stream", UpstreamError(_broken_message(target))) from exc
+        if not timings.first_chunk:
+            timings.first_chunk = time.perf_counter()
+        if not chunk:
+            break
+        for event in parser.feed(chunk):
+            yield event
+    timings.upstream_done = time.perf_counter()
+    for event in parser.flush():
+        yield event
+    response.release()
+
+
+def _status_error(
+    response: aiohttp.ClientResponse, raw: bytes, headers: dict[str, str]
+) -> UpstreamStatusError:
+    body: Any
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = None
+    if not isinstance(body, dict) or not isinstance(body.get("error"), dict):
+        message = f"The provider answered with status {response.status} and no error details."
+        body = {"error": {"message": message, "type": "upstream_error", "param": None,
+                          "code": f"upstream_{response.status}"}}  # fmt: skip
+    retry_after = response.headers.get("Retry-After")
+    if retry_after:
+        headers = {**headers, "Retry-After": retry_after}
+    return UpstreamStatusError(response.status, body, headers=headers)
+
+
+def _retry_delay(error: GatewayError, attempt: int, settings: ProviderSettings) -> float | None:
+    """Seconds to wait before retrying, or None when this error must not be retried here."""
+    retries = settings.retries
+    backoff = min(retries.backoff_max, retries.backoff_initial * 2**attempt)
+    backoff *= 0.5 + _RETRY_JITTER.random() / 2
+    if not isinstance(error, UpstreamStatusError):
+        return backoff
+    if error.upstream_status not in retries.on_status:
+        return None
+    asked = _seconds(error.headers.get("Retry-After"))
+    if asked is None:
+        return backoff
+    return asked if asked <= retries.backoff_max else None
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _count(target: Target, kind: str, error: GatewayError) -> GatewayError:
+    metrics.UPSTREAM_ERRORS.labels(target.name, kind).inc()
+    return error
+
+
+def _connect_message(target: Target) -> str:
+    return f"The provider {target.name!r} could not be reached. Try again later."
+
+
+def _timeout_message(target: Target) -> str:
+    return f"The provider {target.name!r} did not answer in time. Try again later."
+
+
+def _idle_message(target: Target) -> str:
+    return f"The provider {target.name!r} stopped sending the stream. Try again later."
+
+
+def _broken_message(target: Target) -> str:
+    return f"The provider {target.name!r} closed the stream before it was complete."

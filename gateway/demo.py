@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 from aiohttp import web
+from multidict import CIMultiDict
 
 from gateway.config import DemoSettings
 
@@ -54,7 +55,7 @@ class Fault:
 @dataclass(slots=True)
 class Received:
     path: str
-    headers: dict[str, str]
+    headers: CIMultiDict[str]
     body: Any
 
 
@@ -110,7 +111,7 @@ class _Handler:
 
     async def _begin(self, request: web.Request) -> tuple[dict[str, Any], Fault | None]:
         body = await request.json()
-        self.control.received.append(Received(request.path, dict(request.headers), body))
+        self.control.received.append(Received(request.path, CIMultiDict(request.headers), body))
         fault = self.control.faults.popleft() if self.control.faults else None
         delay = (fault.delay if fault else 0.0) + self.control.settings.latency_ms / 1000
         if delay:
@@ -445,7 +446,9 @@ def _model(name: str) -> dict[str, Any]:
 
 async def start_demo(host: str, port: int, control: DemoControl | None = None) -> web.AppRunner:
     """Starts the demo provider on `host:port` (0 picks a free port); `cleanup()` stops it."""
-    runner = web.AppRunner(create_demo_app(control), access_log=None)
+    runner = web.AppRunner(
+        create_demo_app(control), access_log=None, handler_cancellation=True, shutdown_timeout=1
+    )
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner

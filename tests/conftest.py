@@ -51,8 +51,7 @@ def base_config(provider: FakeProvider, **sections: Any) -> dict[str, Any]:
     """A config dict routing `gpt-4o-mini` (and friends) to the fake provider."""
     config: dict[str, Any] = {
         "providers": {
-            "fake": {"base_url": provider.url, "api_key": PROVIDER_KEY,
-                     "retries": {"attempts": 0}},
+            "fake": {"base_url": provider.url, "api_key": PROVIDER_KEY, "retries": {"attempts": 0}},
         },
         "models": [
             {"name": "gpt-4o-mini", "provider": "fake"},

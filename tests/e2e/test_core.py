@@ -1,0 +1,333 @@
+"""The proxy's wire behaviour through the official openai SDK, against the fake provider."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import openai
+import pytest
+
+from tests.conftest import PROVIDER_KEY, TEST_KEY, base_config, free_port
+from tests.fakes.upstream import FakeProvider, Fault
+
+HELLO = [{"role": "user", "content": "hello there, general"}]
+
+
+async def test_chat_completion_round_trip(gateway, provider):
+    completion = await gateway.client().chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    assert completion.choices[0].message.content == "hello there, general"
+    assert completion.usage is not None and completion.usage.total_tokens > 0
+    assert provider.last["messages"] == HELLO
+
+
+async def test_sync_client_works_too(gateway, provider):
+    client = gateway.sync_client()
+    completion = await asyncio.to_thread(
+        client.chat.completions.create, model="gpt-4o-mini", messages=HELLO
+    )
+    assert completion.choices[0].message.content == "hello there, general"
+
+
+async def test_stream_delivers_every_chunk_and_usage_when_asked(gateway, provider):
+    provider.reply("abcdefgh", chunks=["ab", "cde", "fgh"])
+    stream = await gateway.client().chat.completions.create(
+        model="gpt-4o-mini", messages=HELLO, stream=True, stream_options={"include_usage": True}
+    )
+    pieces, usage = [], None
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        if chunk.usage:
+            usage = chunk.usage
+    assert pieces == ["ab", "cde", "fgh"]
+    assert usage is not None and usage.completion_tokens > 0
+
+
+async def test_model_alias_is_rewritten_for_the_provider(gateway, provider):
+    completion = await gateway.client().chat.completions.create(model="fast", messages=HELLO)
+    assert provider.last["model"] == "llama-3.1-8b"
+    assert completion.choices[0].message.content == "hello there, general"
+
+
+async def test_responses_non_stream_and_stream(gateway, provider):
+    client = gateway.client()
+    response = await client.responses.create(model="gpt-4o-mini", input="tell me more")
+    assert response.output_text == "tell me more"
+    provider.reply("streamed words", chunks=["stre", "amed ", "words"])
+    stream = await client.responses.create(model="gpt-4o-mini", input="x", stream=True)
+    kinds, deltas = [], []
+    async for event in stream:
+        kinds.append(event.type)
+        if event.type == "response.output_text.delta":
+            deltas.append(event.delta)
+    assert deltas == ["stre", "amed ", "words"]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+
+
+async def test_completions_and_embeddings(gateway, provider):
+    client = gateway.client()
+    completion = await client.completions.create(model="gpt-4o-mini", prompt="say this")
+    assert completion.choices[0].text == "say this"
+    stream = await client.completions.create(model="gpt-4o-mini", prompt="abcdef", stream=True)
+    assert "".join([c.choices[0].text async for c in stream if c.choices]) == "abcdef"
+    embedding = await client.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
+    assert [d.index for d in embedding.data] == [0, 1]
+    assert len(embedding.data[0].embedding) == 16
+    assert provider.last["input"] == ["a", "b"]
+
+
+async def test_models_are_the_configured_ones(gateway, provider):
+    client = gateway.client()
+    listed = [m.id async for m in client.models.list()]
+    assert listed == ["gpt-4o-mini", "fast", "text-embedding-3-small"]
+    assert (await client.models.retrieve("fast")).id == "fast"
+    with pytest.raises(openai.NotFoundError) as caught:
+        await client.models.retrieve("gpt-5-secret")
+    assert caught.value.code == "model_not_found"
+    assert provider.control.received == []  # the provider's own list is never consulted
+
+
+async def test_unknown_model_is_404_before_the_provider(gateway, provider):
+    with pytest.raises(openai.NotFoundError) as caught:
+        await gateway.client().chat.completions.create(model="nope", messages=HELLO)
+    assert caught.value.body["param"] == "model"
+    assert provider.control.received == []
+
+
+async def test_credentials_and_hop_by_hop_headers_stay_at_the_gateway(gateway, provider):
+    async with aiohttp.ClientSession() as http:
+        response = await http.post(
+            gateway.url + "/v1/chat/completions",
+            json={"model": "gpt-4o-mini", "messages": HELLO},
+            headers={"Authorization": f"Bearer {TEST_KEY}", "x-api-key": TEST_KEY,
+                     "api-key": TEST_KEY, "Cookie": "session=1", "Connection": "keep-alive",
+                     "OpenAI-Organization": "org-client", "X-Request-Id": "trace-123",
+                     "User-Agent": "probe/1.0"},
+        )  # fmt: skip
+        assert response.status == 200
+        assert response.headers["x-request-id"] == "trace-123"
+        assert "Set-Cookie" not in response.headers
+    sent = {k.lower(): v for k, v in provider.control.received[-1].headers.items()}
+    assert sent["authorization"] == f"Bearer {PROVIDER_KEY}"
+    assert sent["x-request-id"] == "trace-123"
+    assert sent["user-agent"] == "probe/1.0"
+    assert TEST_KEY not in json.dumps(sent)
+    for header in ("cookie", "x-api-key", "api-key", "openai-organization"):
+        assert header not in sent
+
+
+async def test_request_id_is_generated_when_absent(gateway, provider):
+    raw = await gateway.client().chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=HELLO
+    )
+    request_id = raw.headers["x-request-id"]
+    assert request_id.startswith("req_")
+    assert provider.control.received[-1].headers["X-Request-Id"] == request_id
+
+
+async def test_set_cookie_from_provider_never_comes_back(gateway, provider):
+    provider.fail(Fault(status=400, headers={"Set-Cookie": "tracker=1"},
+                        body={"error": {"message": "bad", "type": "invalid_request_error",
+                                        "param": None, "code": None}}))  # fmt: skip
+    with pytest.raises(openai.BadRequestError) as caught:
+        await gateway.client().chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    assert "set-cookie" not in {k.lower() for k in caught.value.response.headers}
+
+
+@pytest.mark.parametrize(
+    ("path", "exception"),
+    [("/v1/unknown", openai.NotFoundError), ("/v1/files", openai.NotFoundError),
+     ("/admin/../etc/passwd", openai.NotFoundError)],
+)  # fmt: skip
+async def test_unknown_paths_are_openai_shaped_404s(gateway, path, exception):
+    with pytest.raises(exception) as caught:
+        await gateway.client().get(path, cast_to=object)
+    assert caught.value.body["type"] == "invalid_request_error"
+
+
+async def test_invalid_json_is_400_with_openai_shape(gateway):
+    async with aiohttp.ClientSession() as http:
+        response = await http.post(gateway.url + "/v1/chat/completions", data=b"{not json")
+        body = await response.json()
+    assert response.status == 400
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert "Traceback" not in body["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [({"messages": HELLO}, "model"), ({"model": "gpt-4o-mini"}, "messages"),
+     ({"model": "gpt-4o-mini", "messages": []}, "messages"),
+     ({"model": "gpt-4o-mini", "messages": HELLO, "stream": "yes"}, "stream")],
+)  # fmt: skip
+async def test_invalid_fields_name_the_param(gateway, provider, body, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        await gateway.client().post("/chat/completions", body=body, cast_to=object)
+    assert caught.value.param == param
+    assert provider.control.received == []
+
+
+async def test_oversized_body_is_413(provider, start_gateway):
+    config = base_config(provider)
+    config["server"] = {"max_body_bytes": 2048}
+    gw = await start_gateway(config)
+    with pytest.raises(openai.APIStatusError) as caught:
+        await gw.client().chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x" * 5000}]
+        )
+    assert caught.value.status_code == 413
+    assert provider.control.received == []
+
+
+async def test_unreachable_provider_is_502(provider, start_gateway):
+    config = base_config(provider)
+    config["providers"]["fake"]["base_url"] = f"http://127.0.0.1:{free_port()}/v1"
+    gw = await start_gateway(config)
+    with pytest.raises(openai.InternalServerError) as caught:
+        await gw.client().chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    assert caught.value.status_code == 502
+    assert caught.value.code == "upstream_unavailable"
+    assert PROVIDER_KEY not in caught.value.message
+
+
+async def test_slow_provider_is_504(provider, start_gateway):
+    config = base_config(provider)
+    config["providers"]["fake"]["timeouts"] = {"first_byte": 0.2}
+    gw = await start_gateway(config)
+    provider.fail(Fault(hang=True))
+    with pytest.raises(openai.InternalServerError) as caught:
+        await gw.client().chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    assert caught.value.status_code == 504
+
+
+async def test_upstream_429_passes_through_with_its_body(gateway, provider):
+    body = {"error": {"message": "slow down", "type": "requests", "param": None,
+                      "code": "rate_limit_exceeded"}}  # fmt: skip
+    provider.fail(Fault(status=429, body=body, headers={"Retry-After": "7"}))
+    with pytest.raises(openai.RateLimitError) as caught:
+        await gateway.client().chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    assert caught.value.body == body["error"]
+    assert caught.value.response.headers["retry-after"] == "7"
+
+
+async def test_retry_honours_retry_after_before_any_byte(provider, start_gateway):
+    config = base_config(provider)
+    config["providers"]["fake"]["retries"] = {"attempts": 2, "backoff_initial": 0.01}
+    gw = await start_gateway(config)
+    provider.fail(Fault(status=503, headers={"Retry-After": "0.05"}))
+    completion = await gw.client().chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    assert completion.choices[0].message.content == "hello there, general"
+    assert len(provider.control.received) == 2
+
+
+async def test_fallback_provider_takes_over_before_first_byte(provider, start_gateway):
+    backup = await FakeProvider().start()
+    try:
+        config = base_config(provider)
+        config["providers"]["fake"]["fallbacks"] = ["backup"]
+        config["providers"]["backup"] = {"base_url": backup.url, "api_key": "sk-backup",
+                                         "retries": {"attempts": 0}}  # fmt: skip
+        config["models"][0]["fallback_models"] = {"backup": "backup-model"}
+        gw = await start_gateway(config)
+        provider.fail(Fault(status=500))
+        stream = await gw.client().chat.completions.create(
+            model="gpt-4o-mini", messages=HELLO, stream=True
+        )
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        assert text == "hello there, general"
+        assert backup.last["model"] == "backup-model"
+        assert backup.control.received[-1].headers["Authorization"] == "Bearer sk-backup"
+    finally:
+        await backup.stop()
+
+
+async def test_client_error_from_provider_is_not_retried_elsewhere(provider, start_gateway):
+    backup = await FakeProvider().start()
+    try:
+        config = base_config(provider)
+        config["providers"]["fake"]["fallbacks"] = ["backup"]
+        config["providers"]["backup"] = {"base_url": backup.url}
+        gw = await start_gateway(config)
+        provider.fail(Fault(status=400))
+        with pytest.raises(openai.BadRequestError):
+            await gw.client().chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+        assert backup.control.received == []
+    finally:
+        await backup.stop()
+
+
+async def test_provider_dying_mid_stream_gives_one_error_event(gateway, provider):
+    provider.reply("abcdefghijkl", chunks=["abc", "def", "ghi", "jkl"])
+    provider.fail(Fault(die_after=3))
+    stream = await gateway.client().chat.completions.create(
+        model="gpt-4o-mini", messages=HELLO, stream=True
+    )
+    seen = []
+    with pytest.raises(openai.APIError) as caught:
+        async for chunk in stream:
+            seen.append(chunk.choices[0].delta.content)
+    assert seen == ["", "abc", "def"]
+    assert "closed the stream" in caught.value.message
+
+
+async def test_idle_stream_times_out_with_an_error_event(provider, start_gateway):
+    config = base_config(provider)
+    config["providers"]["fake"]["timeouts"] = {"idle": 0.2}
+    gw = await start_gateway(config)
+    provider.control.settings = provider.control.settings.model_copy(
+        update={"chunk_delay_ms": 1000}
+    )
+    stream = await gw.client().chat.completions.create(
+        model="gpt-4o-mini", messages=HELLO, stream=True
+    )
+    with pytest.raises(openai.APIError) as caught:
+        async for _ in stream:
+            pass
+    assert caught.value.code == "upstream_timeout"
+
+
+async def test_client_disconnect_cancels_the_upstream_stream(gateway, provider):
+    provider.control.settings = provider.control.settings.model_copy(update={"chunk_delay_ms": 50})
+    provider.reply("x" * 400, chunks=["x"] * 400)
+    async with aiohttp.ClientSession() as http:
+        response = await http.post(
+            gateway.url + "/v1/chat/completions",
+            json={"model": "gpt-4o-mini", "messages": HELLO, "stream": True},
+        )
+        await response.content.readline()
+        response.close()
+    for _ in range(100):
+        if provider.control.cancelled_streams:
+            break
+        await asyncio.sleep(0.02)
+    assert provider.control.cancelled_streams == 1
+    assert provider.control.finished_streams == 0
+
+
+async def test_healthz_readyz_and_metrics(gateway):
+    await gateway.client().chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    async with aiohttp.ClientSession() as http:
+        assert (await http.get(gateway.url + "/healthz")).status == 200
+        ready = await http.get(gateway.url + "/readyz")
+        assert (await ready.json())["status"] == "ready"
+        text = await (await http.get(gateway.url + "/metrics")).text()
+    assert 'gateway_requests_total{model="gpt-4o-mini",route="chat.completions",status="200"}' in (
+        text
+    )
+    assert "gateway_upstream_seconds_bucket" in text
+    assert "gateway_overhead_seconds_bucket" in text
+    assert PROVIDER_KEY not in text
+
+
+async def test_responses_stream_failure_raises_in_the_sdk(gateway, provider):
+    provider.reply("abcdefghijkl", chunks=["abc", "def", "ghi", "jkl"])
+    provider.fail(Fault(die_after=5))
+    stream = await gateway.client().responses.create(model="gpt-4o-mini", input="x", stream=True)
+    kinds = []
+    with pytest.raises(openai.APIError) as caught:
+        async for event in stream:
+            kinds.append(event.type)
+    assert kinds[-1] == "response.output_text.delta"
+    assert caught.value.code == "upstream_unavailable"

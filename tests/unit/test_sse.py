@@ -1,0 +1,50 @@
+"""SSE framing: events survive any chunking of the byte stream."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.sse import SseEvent, SseParser, json_event
+
+STREAM = (
+    b'event: response.created\ndata: {"a": 1}\n\n'
+    b": keep-alive comment\n\n"
+    b"data: line one\ndata: line two\n\n"
+    b"data: caf\xc3\xa9\r\n\r\n"
+    b"data: [DONE]\n\n"
+)
+EXPECTED = [
+    SseEvent('{"a": 1}', "response.created"),
+    SseEvent("line one\nline two"),
+    SseEvent("caf\u00e9"),
+    SseEvent("[DONE]"),
+]
+
+
+def parse(chunks: list[bytes]) -> list[SseEvent]:
+    parser = SseParser()
+    events = [event for chunk in chunks for event in parser.feed(chunk)]
+    return events + list(parser.flush())
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 64, len(STREAM)])
+def test_any_chunk_size_gives_the_same_events(size):
+    chunks = [STREAM[i : i + size] for i in range(0, len(STREAM), size)]
+    assert parse(chunks) == EXPECTED
+
+
+def test_split_inside_a_multibyte_character_and_crlf():
+    cut = STREAM.index(b"\xc3") + 1
+    assert parse([STREAM[:cut], STREAM[cut:]]) == EXPECTED
+
+
+def test_final_event_without_blank_line_is_flushed():
+    assert parse([b"data: tail"]) == [SseEvent("tail")]
+
+
+def test_encode_round_trips():
+    events = [SseEvent("x\ny", "ev"), json_event({"k": "v"}), SseEvent("[DONE]")]
+    wire = b"".join(e.encode() for e in events)
+    assert parse([wire]) == events
+    assert events[2].is_done and not events[0].is_done
+    assert events[1].json() == {"k": "v"}

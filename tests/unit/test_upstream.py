@@ -1,0 +1,57 @@
+"""Retry decisions and request building of the upstream client."""
+
+from __future__ import annotations
+
+from gateway.config import ProviderSettings, Settings
+from gateway.errors import UpstreamError, UpstreamStatusError
+from gateway.exchange import Exchange, Route
+from gateway.upstream import Target, UpstreamClient, _retry_delay
+
+PROVIDER = ProviderSettings(
+    base_url="http://p/v1", retries={"backoff_initial": 0.1, "backoff_max": 2}
+)
+
+
+def status_error(status: int, retry_after: str | None = None) -> UpstreamStatusError:
+    headers = {"Retry-After": retry_after} if retry_after else {}
+    return UpstreamStatusError(status, {"error": {"message": "x"}}, headers=headers)
+
+
+def test_client_errors_are_never_retried():
+    assert _retry_delay(status_error(400), 0, PROVIDER) is None
+    assert _retry_delay(status_error(401), 0, PROVIDER) is None
+
+
+def test_server_errors_back_off_exponentially_with_jitter():
+    first = _retry_delay(status_error(503), 0, PROVIDER)
+    third = _retry_delay(UpstreamError("down"), 2, PROVIDER)
+    assert first is not None and 0.05 <= first <= 0.1
+    assert third is not None and 0.2 <= third <= 0.4
+
+
+def test_retry_after_is_honoured_up_to_the_cap():
+    assert _retry_delay(status_error(429, "1.5"), 0, PROVIDER) == 1.5
+    assert _retry_delay(status_error(429, "30"), 0, PROVIDER) is None
+
+
+async def test_azure_requests_use_deployment_url_and_api_key_header():
+    settings = Settings.model_validate({
+        "providers": {"az": {"kind": "azure", "base_url": "https://n.openai.azure.com",
+                             "api_key": "azure-secret", "api_version": "2024-10-21"}},
+        "models": [{"name": "gpt-4o", "provider": "az", "upstream_model": "prod-4o"}],
+    })  # fmt: skip
+    client = UpstreamClient(settings)
+    try:
+        ex = Exchange("r", "chat.completions", "POST", "/v1/chat/completions",
+                      {"Authorization": "Bearer client"}, "1.2.3.4",
+                      raw_body=b'{"model":"gpt-4o"}', body={"model": "gpt-4o"})  # fmt: skip
+        ex.route = Route("gpt-4o", "az", "prod-4o")
+        target = Target("az", "https://n.openai.azure.com", settings.providers["az"])
+        url, headers, data = client._request_for(ex, target)
+    finally:
+        await client.close()
+    assert url == ("https://n.openai.azure.com/openai/deployments/prod-4o/chat/completions"
+                   "?api-version=2024-10-21")  # fmt: skip
+    assert headers["api-key"] == "azure-secret"
+    assert "Authorization" not in headers
+    assert b'"prod-4o"' in data

@@ -34,7 +34,7 @@ PIPELINE = web.AppKey("pipeline", Pipeline)
 CATALOG = web.AppKey("catalog", Catalog)
 READY_CHECKS = web.AppKey("ready_checks", list[ReadyCheck])
 DRAINING = web.AppKey("draining", list[bool])
-RENDER_METRICS = web.AppKey("render_metrics", Callable[[], bytes])
+RENDER_METRICS: web.AppKey[Callable[[], bytes]] = web.AppKey("render_metrics")
 EXCHANGE = web.RequestKey("exchange", Exchange)
 REQUEST_ID = web.RequestKey("request_id", str)
 

@@ -282,7 +282,7 @@ def _status_error(
 def _retry_delay(error: GatewayError, attempt: int, settings: ProviderSettings) -> float | None:
     """Seconds to wait before retrying, or None when this error must not be retried here."""
     retries = settings.retries
-    backoff = min(retries.backoff_max, retries.backoff_initial * 2**attempt)
+    backoff: float = min(retries.backoff_max, retries.backoff_initial * 2**attempt)
     backoff *= 0.5 + _RETRY_JITTER.random() / 2
     if not isinstance(error, UpstreamStatusError):
         return backoff
@@ -295,8 +295,10 @@ def _retry_delay(error: GatewayError, attempt: int, settings: ProviderSettings) 
 
 
 def _seconds(value: str | None) -> float | None:
+    if value is None:
+        return None
     try:
-        return float(value) if value is not None else None
+        return float(value)
     except ValueError:
         return None
 

@@ -58,6 +58,18 @@ class AuthenticationError(GatewayError):
     code = "invalid_api_key"
 
 
+class CredentialError(AuthenticationError):
+    """A credential was missing, malformed or refused.
+
+    `reason` is a short fixed label for security logs (`expired`, `revoked`...), never the
+    credential itself.
+    """
+
+    def __init__(self, message: str, *, reason: str, code: str = "invalid_api_key") -> None:
+        super().__init__(message, code=code)
+        self.reason = reason
+
+
 class PermissionDeniedError(GatewayError):
     status = 403
     type = "permission_error"
@@ -94,6 +106,12 @@ class RateLimitError(GatewayError):
         merged.update(headers or {})
         super().__init__(message, headers=merged)
         self.retry_after = retry_after
+
+
+class AuthLockoutError(RateLimitError):
+    """Too many failed authentications from one address: it waits out a cool-down."""
+
+    code = "too_many_failed_authentications"
 
 
 class QuotaExceededError(GatewayError):
@@ -137,7 +155,8 @@ class UpstreamStatusError(GatewayError):
     code = "upstream_error"
 
     def __init__(self, status: int, body: dict[str, Any], *, headers: dict[str, str] | None = None):
-        error = body.get("error") if isinstance(body.get("error"), dict) else {}
+        found = body.get("error")
+        error: dict[str, Any] = found if isinstance(found, dict) else {}
         message = str(error.get("message") or f"The provider answered with status {status}.")
         super().__init__(message, headers=headers, code=error.get("code"))
         self.upstream_status = status

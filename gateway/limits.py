@@ -1,0 +1,402 @@
+"""The limit algorithms, twice: as the Lua scripts Redis runs and as the in-memory backend.
+
+Owns the values of a reservation (`Limit`, `Ask`, `Decision`, `Reservation`), the keys of each
+dimension's limits, the reserve and settle scripts (one round trip each) and `MemoryBackend`,
+which mirrors them line for line so the embedded default behaves exactly as Redis does. Must
+not do I/O (the Redis client lives in `limiter.py`) nor know HTTP or OpenAI payloads.
+
+Algorithms (times in milliseconds, `now` from the calling process's clock):
+- Rates (requests per second / minute, tokens per minute) use GCRA, a token bucket kept as
+  one number, the theoretical arrival time TAT. A limit of N per window W has an emission
+  interval T = W / N and a burst of N: a request costing c passes when
+  max(TAT, now) + c*T - W <= now, and then TAT becomes max(TAT, now) + c*T. So N requests
+  pass at once, then one more every T; the wait of a refused one is exact (Retry-After).
+- Budgets (daily / monthly tokens) are counters per UTC calendar period, whose key names the
+  period; they expire a day after it ends.
+- Concurrency is a sorted set of request ids scored by lease expiry: a slot is released on
+  settle, or when a crashed process's lease runs out.
+A reservation checks every limit of a request first and writes only if all pass, so a
+refused request costs nothing. Token limits reserve `tokens` (prompt + maximum completion);
+budgets may grant less (down to `least`) so a call can run up to the budget and be cut there.
+Settling adds the difference between the tokens used and the tokens granted, so what every
+token counter holds adds up to the usage reported.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from gateway.config import LimitValues
+
+DAY_MS = 86_400_000
+EPSILON = 1e-6  # float slack so exact boundaries compare the same in Lua and Python
+CONCURRENCY_RETRY_MS = 1000
+NEVER = math.inf  # the wait of a request larger than the limit itself
+RATES = {"requests_per_second": ("r", 1000), "requests_per_minute": ("r", 60_000),
+         "tokens_per_minute": ("t", 60_000)}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One limit of one dimension. kind: r (request rate), t (token rate), b (token budget),
+    c (concurrency). window_ms: the rate window, the ms left in a budget's period, or the
+    concurrency lease."""
+
+    name: str
+    dimension: str
+    key: str
+    kind: str
+    limit: int
+    window_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """What one request wants: every limit that applies, and its tokens (most, least)."""
+
+    request_id: str
+    limits: tuple[Limit, ...]
+    tokens: int = 0
+    least: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """A limit's state after the decision: what is left and ms until it is full again."""
+
+    limit: Limit
+    remaining: int
+    reset_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    request_id: str
+    limits: tuple[Limit, ...]
+    granted: int
+    backend: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """allowed, or refused by `blocked` (retry_ms -1: the request can never pass)."""
+
+    allowed: bool
+    granted: int
+    retry_ms: int
+    blocked: Limit | None
+    standings: tuple[Standing, ...]
+    reservation: Reservation | None
+
+
+class Backend(Protocol):
+    name: str
+
+    async def reserve(self, ask: Ask, now_ms: float | None) -> Decision: ...
+
+    async def settle(self, reservation: Reservation, used: int, now_ms: float | None) -> None: ...
+
+
+def limits_for(values: LimitValues, dimension: str, ident: str, *, now: float,
+               lease_ms: int) -> list[Limit]:  # fmt: skip
+    """The limits of one dimension (`ident` is hashed, so keys never show users)."""
+    base = f"{dimension}:{_digest(ident)}"
+    found: list[Limit] = []
+    for name, (kind, window) in RATES.items():
+        value = getattr(values, name)
+        if value is not None:
+            found.append(Limit(name, dimension, f"{base}:{name}", kind, value, window))
+    if values.concurrent is not None:
+        found.append(Limit("concurrent", dimension, f"{base}:cc", "c", values.concurrent, lease_ms))
+    if values.daily_tokens is None and values.monthly_tokens is None:
+        return found
+    now_ms = now * 1000
+    for name, (period, end_ms) in _periods(int(now // 86400)).items():
+        value = getattr(values, name)
+        if value is not None:
+            left = max(1, math.ceil(end_ms - now_ms))
+            found.append(Limit(name, dimension, f"{base}:{period}", "b", value, left))
+    return found
+
+
+@functools.lru_cache(maxsize=4)
+def _periods(day: int) -> dict[str, tuple[str, int]]:
+    """The budget periods of a UTC day number: key suffix and end (epoch ms) of each."""
+    start = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(days=day)
+    day_end = start + timedelta(days=1)
+    month_end = datetime(start.year + start.month // 12, start.month % 12 + 1, 1, tzinfo=UTC)
+    return {
+        "daily_tokens": (start.strftime("d%Y%m%d"), int(day_end.timestamp() * 1000)),
+        "monthly_tokens": (start.strftime("m%Y%m"), int(month_end.timestamp() * 1000)),
+    }
+
+
+@functools.lru_cache(maxsize=65536)
+def _digest(ident: str) -> str:
+    return hashlib.blake2b(ident.encode(), digest_size=8).hexdigest()
+
+
+# KEYS: one per limit. ARGV: now_ms (empty: Redis TIME), request id, tokens, least, then
+# kind, limit, window_ms per key.
+# Returns {allowed, blocked index, retry_ms, granted, remaining_1, reset_1, ...}.
+RESERVE_LUA = """
+local now, rid = tonumber(ARGV[1]), ARGV[2]
+if not now then  -- no injected clock: the server's, one clock for every replica
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local grant, least = tonumber(ARGV[3]), tonumber(ARGV[4])
+local eps = 1e-6
+local n = #KEYS
+local kind, limit, window, value = {}, {}, {}, {}
+for i = 1, n do
+  local at = 4 + (i - 1) * 3
+  kind[i], limit[i], window[i] = ARGV[at + 1], tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
+  if kind[i] == 'c' then
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+    value[i] = redis.call('ZCARD', KEYS[i])
+  else
+    value[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
+  end
+end
+local blocked, retry = 0, 0
+for i = 1, n do
+  if kind[i] == 'b' and blocked == 0 then
+    local room = limit[i] - value[i]
+    if room < least then blocked, retry = i, -1 end
+    if room < grant then grant = math.max(room, 0) end
+  end
+end
+local out, pre, new = {}, {}, {}
+for i = 1, n do
+  local left, reset, held, since, wait, never = 0, 0, 0, 0, 0, false
+  if kind[i] == 'r' or kind[i] == 't' then
+    local cost = 1
+    if kind[i] == 't' then cost = grant end
+    local interval = window[i] / limit[i]
+    local tat = math.max(value[i], now)
+    new[i] = tat + cost * interval
+    wait = new[i] - window[i] - now
+    if cost > limit[i] then never = true end
+    held, since = math.floor((now + window[i] - tat) / interval + eps), math.ceil(tat - now)
+    left, reset = math.floor((now + window[i] - new[i]) / interval + eps), math.ceil(new[i] - now)
+  elseif kind[i] == 'b' then
+    left, held = math.max(limit[i] - value[i] - grant, 0), math.max(limit[i] - value[i], 0)
+    reset, since = window[i], window[i]
+  else
+    if value[i] >= limit[i] then wait = 1000 end
+    left, held = math.max(limit[i] - value[i] - 1, 0), math.max(limit[i] - value[i], 0)
+  end
+  if retry ~= -1 and never then
+    blocked, retry = i, -1
+  elseif retry ~= -1 and wait > eps and wait > retry then
+    blocked, retry = i, wait
+  end
+  out[#out + 1], out[#out + 2] = left, reset
+  pre[#pre + 1], pre[#pre + 2] = held, since
+end
+if blocked > 0 then
+  if retry > 0 then retry = math.ceil(retry) end
+  return {0, blocked, retry, grant, unpack(pre)}
+end
+for i = 1, n do
+  if kind[i] == 'r' or kind[i] == 't' then
+    if new[i] > now then
+      local ttl = math.ceil(new[i] - now) + 1000
+      redis.call('SET', KEYS[i], string.format('%.3f', new[i]), 'PX', ttl)
+    end
+  elseif kind[i] == 'b' then
+    if grant > 0 then
+      redis.call('INCRBY', KEYS[i], grant)
+      redis.call('PEXPIRE', KEYS[i], window[i] + 86400000)
+    end
+  else
+    redis.call('ZADD', KEYS[i], now + window[i], rid)
+    redis.call('PEXPIRE', KEYS[i], window[i])
+  end
+end
+return {1, 0, 0, grant, unpack(out)}
+"""
+
+# KEYS: the reservation's. ARGV: now_ms, request id, used - granted, then kind, limit, window.
+SETTLE_LUA = """
+local now, rid, delta = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+if not now then  -- no injected clock: the server's, one clock for every replica
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+for i = 1, #KEYS do
+  local at = 3 + (i - 1) * 3
+  local kind, limit, window = ARGV[at + 1], tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
+  if kind == 'c' then
+    redis.call('ZREM', KEYS[i], rid)
+  elseif kind == 't' and delta ~= 0 then
+    local tat = math.max(tonumber(redis.call('GET', KEYS[i]) or '0'), now)
+    tat = tat + delta * (window / limit)
+    if tat > now then
+      redis.call('SET', KEYS[i], string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1000)
+    else
+      redis.call('DEL', KEYS[i])
+    end
+  elseif kind == 'b' and delta ~= 0 and (delta > 0 or redis.call('EXISTS', KEYS[i]) == 1) then
+    redis.call('INCRBY', KEYS[i], delta)
+    if redis.call('PTTL', KEYS[i]) < 0 then redis.call('PEXPIRE', KEYS[i], window + 86400000) end
+  end
+end
+return 1
+"""
+RESERVE_SHA = hashlib.sha1(RESERVE_LUA.encode(), usedforsecurity=False).hexdigest()
+SETTLE_SHA = hashlib.sha1(SETTLE_LUA.encode(), usedforsecurity=False).hexdigest()
+
+
+class MemoryBackend:
+    """The same algorithms as the Lua scripts, in this process only (atomic: no awaits)."""
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        self._values: dict[str, tuple[float, float]] = {}  # key -> (value, expires_ms)
+        self._leases: dict[str, dict[str, float]] = {}  # key -> request id -> expires_ms
+        self._writes = 0
+
+    async def reserve(self, ask: Ask, now_ms: float | None) -> Decision:
+        return self.reserve_now(ask, _now_ms() if now_ms is None else now_ms)
+
+    async def settle(self, reservation: Reservation, used: int, now_ms: float | None) -> None:
+        self.settle_now(reservation, used, _now_ms() if now_ms is None else now_ms)
+
+    def reserve_now(self, ask: Ask, now_ms: float) -> Decision:
+        """RESERVE_LUA, line for line."""
+        limits = ask.limits
+        value = [self._count(lim.key, now_ms) if lim.kind == "c" else self._get(lim.key, now_ms)
+                 for lim in limits]  # fmt: skip
+        blocked, retry, grant = 0, 0.0, ask.tokens
+        for i, lim in enumerate(limits, 1):
+            if lim.kind == "b" and blocked == 0:
+                room = lim.limit - value[i - 1]
+                if room < ask.least:
+                    blocked, retry = i, -1
+                if room < grant:
+                    grant = int(max(room, 0))
+        out: list[int] = []
+        pre: list[int] = []
+        new: list[float] = []
+        for i, lim in enumerate(limits, 1):
+            wait, taken, before, after = _judge(lim, value[i - 1], grant, now_ms)
+            new.append(after)
+            if retry != -1 and wait == NEVER:
+                blocked, retry = i, -1
+            elif retry != -1 and wait > EPSILON and wait > retry:
+                blocked, retry = i, wait
+            out += taken
+            pre += before
+        if blocked:
+            retry_ms = math.ceil(retry) if retry > 0 else int(retry)
+            return decision_from(ask, [0, blocked, retry_ms, grant, *pre], self.name)
+        for lim, after in zip(limits, new, strict=True):
+            self._commit(lim, after, grant, ask.request_id, now_ms)
+        return decision_from(ask, [1, 0, 0, grant, *out], self.name)
+
+    def settle_now(self, reservation: Reservation, used: int, now_ms: float) -> None:
+        """SETTLE_LUA, line for line."""
+        delta = used - reservation.granted
+        for lim in reservation.limits:
+            if lim.kind == "c":
+                self._leases.get(lim.key, {}).pop(reservation.request_id, None)
+            elif lim.kind == "t" and delta:
+                tat = max(self._get(lim.key, now_ms), now_ms) + delta * (lim.window_ms / lim.limit)
+                self._put(lim.key, tat, now_ms, math.ceil(tat - now_ms) + 1000)
+            elif lim.kind == "b" and delta and (delta > 0 or self._has(lim.key, now_ms)):
+                old, expires = self._values.get(lim.key, (0.0, now_ms + lim.window_ms + DAY_MS))
+                self._values[lim.key] = (old + delta, expires)
+
+    def _commit(self, lim: Limit, after: float, grant: int, rid: str, now_ms: float) -> None:
+        if lim.kind in ("r", "t"):
+            self._put(lim.key, after, now_ms, math.ceil(after - now_ms) + 1000)
+        elif lim.kind == "b" and grant > 0:
+            old = self._get(lim.key, now_ms)
+            self._values[lim.key] = (old + grant, now_ms + lim.window_ms + DAY_MS)
+        elif lim.kind == "c":
+            self._leases.setdefault(lim.key, {})[rid] = now_ms + lim.window_ms
+        self._sweep(now_ms)
+
+    def _get(self, key: str, now_ms: float) -> float:
+        found = self._values.get(key)
+        if found is None or found[1] <= now_ms:
+            return 0.0
+        return found[0]
+
+    def _has(self, key: str, now_ms: float) -> bool:
+        found = self._values.get(key)
+        return found is not None and found[1] > now_ms
+
+    def _put(self, key: str, value: float, now_ms: float, ttl_ms: int) -> None:
+        if value > now_ms:
+            self._values[key] = (round(value, 3), now_ms + ttl_ms)
+        else:
+            self._values.pop(key, None)
+
+    def _count(self, key: str, now_ms: float) -> int:
+        leases = self._leases.get(key, {})
+        for rid in [r for r, expires in leases.items() if expires <= now_ms]:
+            del leases[rid]
+        return len(leases)
+
+    def _sweep(self, now_ms: float) -> None:
+        """Drops expired keys now and then, so idle subjects do not pile up."""
+        self._writes += 1
+        if self._writes % 4096:
+            return
+        self._values = {k: v for k, v in self._values.items() if v[1] > now_ms}
+        self._leases = {k: v for k, v in self._leases.items() if v}
+
+
+def _now_ms() -> float:
+    return round(time.time() * 1000, 3)
+
+
+def _judge(
+    lim: Limit, value: float, grant: int, now_ms: float
+) -> tuple[float, tuple[int, int], tuple[int, int], float]:
+    """(wait ms or NEVER, (remaining, reset ms) if taken, the same if not, new value)."""
+    if lim.kind in ("r", "t"):
+        cost = grant if lim.kind == "t" else 1
+        interval = lim.window_ms / lim.limit
+        tat = max(value, now_ms)
+        after = tat + cost * interval
+        wait = NEVER if cost > lim.limit else after - lim.window_ms - now_ms
+        held = math.floor((now_ms + lim.window_ms - tat) / interval + EPSILON)
+        left = math.floor((now_ms + lim.window_ms - after) / interval + EPSILON)
+        return wait, (left, math.ceil(after - now_ms)), (held, math.ceil(tat - now_ms)), after
+    room = int(max(lim.limit - value, 0))
+    if lim.kind == "b":
+        taken = int(max(lim.limit - value - grant, 0))
+        return 0.0, (taken, lim.window_ms), (room, lim.window_ms), 0.0
+    wait = float(CONCURRENCY_RETRY_MS) if value >= lim.limit else 0.0
+    return wait, (int(max(lim.limit - value - 1, 0)), 0), (room, 0), 0.0
+
+
+def decision_from(ask: Ask, reply: Sequence[Any], backend: str) -> Decision:
+    """Reads the script's reply: {allowed, blocked, retry_ms, granted, remaining, reset, ...}."""
+    allowed, blocked, retry_ms, granted = (int(v) for v in reply[:4])
+    pairs = [int(v) for v in reply[4:]]
+    standings = tuple(Standing(lim, pairs[2 * i], pairs[2 * i + 1])
+                      for i, lim in enumerate(ask.limits))  # fmt: skip
+    if not allowed:
+        return Decision(False, granted, retry_ms, ask.limits[blocked - 1], standings, None)
+    reservation = Reservation(ask.request_id, ask.limits, granted, backend)
+    return Decision(True, granted, 0, None, standings, reservation)
+
+
+def script_arguments(limits: Sequence[Limit]) -> list[str | int]:
+    flat: list[str | int] = []
+    for lim in limits:
+        flat += [lim.kind, lim.limit, lim.window_ms]
+    return flat

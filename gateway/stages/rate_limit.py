@@ -1,0 +1,406 @@
+"""`RateLimit`: reserves every limit of a request before the provider call and settles after.
+
+Owns which limits apply (per key or subject, tenant, model, global; tiers assigned by key,
+claim or tenant, with per-key overrides), the token reservation (offline prompt estimate plus
+the completion maximum), asking providers for stream usage (and hiding that extra chunk from
+clients that did not ask), cutting a stream at its budget, the `x-ratelimit-*` headers and the
+429 answers. Must not talk to Redis (the `Limiter` does) nor keep state outside the exchange.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.config import LimitSettings, LimitValues
+from gateway.errors import QuotaExceededError, RateLimitError, ServiceUnavailableError
+from gateway.exchange import Exchange, Principal, Usage
+from gateway.limiter import Limiter
+from gateway.limits import Ask, Decision, Limit, Reservation, Standing
+from gateway.pipeline import Stage
+from gateway.sse import SseEvent, json_event
+from gateway.tokens import CAP_FIELDS, CHARS_PER_TOKEN, completion_cap, count_prompt
+
+ANONYMOUS = "anonymous"
+USAGE_ENDPOINTS = ("chat.completions", "completions")  # streams that take stream_options
+_PERIOD = {"daily_tokens": "day", "monthly_tokens": "month"}
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """What the request reserved: the limiter's reservation, the prompt estimate, and the
+    completion tokens a budget allows (None when no budget applies)."""
+
+    reservation: Reservation
+    prompt_tokens: int
+    allowance: int | None
+
+
+class RateLimit(Stage):
+    name = "rate_limit"
+
+    def __init__(self, limiter: Limiter, settings: LimitSettings) -> None:
+        self._limiter = limiter
+        self._settings = settings
+        self._merged: dict[tuple[str, str | None], LimitValues] = {}
+
+    async def on_request(self, exchange: Exchange) -> None:
+        if exchange.endpoint == "models":
+            return
+        ask, prompt = self._ask(exchange)
+        if not ask.limits:
+            exchange.ratelimit_outcome = "unlimited"
+            return
+        try:
+            decision = await self._limiter.reserve(ask)
+        except ServiceUnavailableError:
+            exchange.ratelimit_outcome = "unavailable"
+            raise
+        headers = rate_headers(decision.standings)
+        if decision.reservation is None:
+            raise _refusal(exchange, decision, headers, ask)
+        exchange.response_headers.update(headers)
+        local = decision.reservation.backend == "memory" and self._limiter.redis is not None
+        exchange.ratelimit_outcome = "allowed_local" if local else "allowed"
+        ticket = _ticket(decision.reservation, prompt, ask)
+        exchange.ratelimit_reservation = ticket
+        _prepare_body(exchange, ticket, ask)
+
+    async def on_response(self, exchange: Exchange, completion: dict[str, Any]) -> dict[str, Any]:
+        usage = usage_of(completion)
+        if usage is not None and exchange.usage is None:
+            exchange.usage = usage
+        return completion
+
+    def on_stream(
+        self, exchange: Exchange, events: AsyncIterator[SseEvent]
+    ) -> AsyncIterator[SseEvent]:
+        ticket = exchange.ratelimit_reservation
+        if not isinstance(ticket, Ticket) or not _has_tokens(ticket.reservation.limits):
+            return events
+        return _metered(exchange, ticket, events)
+
+    async def on_complete(self, exchange: Exchange) -> None:
+        ticket = exchange.ratelimit_reservation
+        if not isinstance(ticket, Ticket):
+            return
+        reservation = ticket.reservation
+        kinds = {lim.kind for lim in reservation.limits}
+        used = _used(exchange, ticket) if kinds & {"t", "b"} else reservation.granted
+        if used != reservation.granted or "c" in kinds:  # else nothing to settle: no round trip
+            await self._limiter.settle(reservation, used)
+
+    def _ask(self, exchange: Exchange) -> tuple[Ask, int]:
+        principal = exchange.principal
+        limits: list[Limit] = []
+        for dimension, ident, values in self._dimensions(exchange, principal):
+            limits += self._limiter.limits_for(values, dimension, ident)
+        prompt = count_prompt(exchange.endpoint, exchange.body)
+        cap = 0 if exchange.endpoint == "embeddings" else self._cap(exchange)
+        least = prompt + (1 if cap else 0)
+        return Ask(uuid.uuid4().hex, tuple(limits), prompt + cap, least), prompt
+
+    def _cap(self, exchange: Exchange) -> int:
+        return completion_cap(exchange.endpoint, exchange.body) or self._settings.default_max_tokens
+
+    def _dimensions(
+        self, exchange: Exchange, principal: Principal | None
+    ) -> list[tuple[str, str, LimitValues]]:
+        settings = self._settings
+        found: list[tuple[str, str, LimitValues]] = []
+        key_values = self._key_values(principal)
+        if key_values is not None:
+            ident = (principal.key_id or principal.subject) if principal else ANONYMOUS
+            found.append(("key", ident, key_values))
+        tenant = principal.tenant if principal else None
+        tenant_values = settings.tenants.get(tenant, settings.tenant_default) if tenant else None
+        if tenant and tenant_values is not None:
+            found.append(("tenant", tenant, tenant_values))
+        model_values = settings.models.get(exchange.model or "")
+        if model_values is not None:
+            found.append(("model", exchange.model or "", model_values))
+        if settings.global_limits is not None:
+            found.append(("global", "all", settings.global_limits))
+        return found
+
+    def _key_values(self, principal: Principal | None) -> LimitValues | None:
+        """The caller's tier, with its per-key override applied."""
+        assignment = self._settings.assignment
+        override_name = None
+        if principal is not None:
+            for name in (principal.key_id, principal.subject):
+                if name is not None and name in assignment.keys:
+                    override_name = name
+                    break
+        override = assignment.keys.get(override_name) if override_name else None
+        tier = (override.tier if override else None) or self._tier_of(principal)
+        if override is None or override_name is None:
+            return self._settings.tiers.get(tier) if tier else None
+        cached = self._merged.get((override_name, tier))
+        if cached is None:
+            base = self._settings.tiers[tier].model_dump() if tier else {}
+            changes = override.model_dump(exclude={"tier"}, exclude_none=True)
+            cached = LimitValues.model_validate({**base, **changes})
+            self._merged[(override_name, tier)] = cached
+        return cached
+
+    def _tier_of(self, principal: Principal | None) -> str | None:
+        assignment = self._settings.assignment
+        if principal is not None and principal.tier:
+            if principal.tier in self._settings.tiers:
+                return principal.tier
+            if principal.tier in assignment.by_claim:
+                return assignment.by_claim[principal.tier]
+        if principal is not None and principal.tenant in assignment.by_tenant:
+            return assignment.by_tenant[principal.tenant or ""]
+        return assignment.default_tier
+
+
+def _has_tokens(limits: tuple[Limit, ...]) -> bool:
+    return any(lim.kind in ("t", "b") for lim in limits)
+
+
+def _ticket(reservation: Reservation, prompt: int, ask: Ask) -> Ticket:
+    has_budget = any(lim.kind == "b" for lim in reservation.limits)
+    allowance = reservation.granted - prompt if has_budget and ask.tokens > prompt else None
+    return Ticket(reservation, prompt, allowance)
+
+
+def _prepare_body(exchange: Exchange, ticket: Ticket, ask: Ask) -> None:
+    """Asks the provider for stream usage, and lowers the completion cap to what was granted."""
+    if not _has_tokens(ticket.reservation.limits):
+        return
+    body = exchange.body
+    asks_usage = exchange.is_stream and exchange.endpoint in USAGE_ENDPOINTS
+    if asks_usage and not exchange.client_wants_usage:
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        exchange.mark_changed()
+    if ticket.reservation.granted < ask.tokens and ticket.allowance is not None:
+        fields = CAP_FIELDS.get(exchange.endpoint, ())
+        given = [name for name in fields if name in body] or list(fields[:1])
+        for name in given:
+            body[name] = ticket.allowance
+        exchange.mark_changed()
+
+
+def _used(exchange: Exchange, ticket: Ticket) -> int:
+    """Tokens to charge: the provider's usage, else nothing if it never answered, else all."""
+    if exchange.usage is not None:
+        return exchange.usage.total_tokens
+    if exchange.upstream_attempts == 0:
+        return 0
+    if exchange.status >= 400 and exchange.status != 499:
+        return 0
+    return ticket.reservation.granted
+
+
+def usage_of(payload: Any) -> Usage | None:
+    """Usage from a completion, a usage chunk, or a Responses API response object."""
+    if not isinstance(payload, dict):
+        return None
+    usage = payload.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return Usage(prompt, completion)
+
+
+async def _metered(
+    exchange: Exchange, ticket: Ticket, events: AsyncIterator[SseEvent]
+) -> AsyncIterator[SseEvent]:
+    """Records usage, hides the usage chunk the client did not ask for, and cuts at a budget."""
+    meter = _Meter(exchange, ticket)
+    try:
+        async for event in events:
+            for out in meter.feed(event):
+                yield out
+            if meter.cut:
+                return
+    finally:
+        if exchange.usage is None and meter.chars:
+            completion = math.ceil(meter.chars / CHARS_PER_TOKEN)
+            exchange.usage = Usage(ticket.prompt_tokens, completion)
+
+
+class _Meter:
+    """Per-stream state: characters of completion so far, and the Responses API envelope."""
+
+    def __init__(self, exchange: Exchange, ticket: Ticket) -> None:
+        self.exchange = exchange
+        self.room = None if ticket.allowance is None else ticket.allowance * CHARS_PER_TOKEN
+        self.chars = 0
+        self.cut = False
+        self.sequence = 0
+        self.response: dict[str, Any] | None = None
+
+    def feed(self, event: SseEvent) -> list[SseEvent]:
+        if event.is_done:
+            return [event]
+        try:
+            payload = event.json()
+        except ValueError:
+            return [event]
+        if not isinstance(payload, dict):
+            return [event]
+        if self.exchange.endpoint == "responses":
+            return self._responses_event(event, payload)
+        usage = usage_of(payload)
+        if usage is not None:
+            self.exchange.usage = usage
+            if not payload.get("choices") and not self.exchange.client_wants_usage:
+                return []  # the usage chunk the gateway asked for on the client's behalf
+        return self._chunk(event, payload)
+
+    def _chunk(self, event: SseEvent, payload: dict[str, Any]) -> list[SseEvent]:
+        choices = payload.get("choices") or []
+        text = "".join(_choice_text(c) for c in choices if isinstance(c, dict))
+        if self.room is None or self.chars + len(text) <= self.room:
+            self.chars += len(text)
+            return [event]
+        keep = self.room - self.chars
+        self.chars, self.cut = self.room, True
+        out = [json_event(_truncated(payload, keep))] if keep > 0 else []
+        out.append(json_event(_length_chunk(payload, self.exchange.endpoint)))
+        if self.exchange.client_wants_usage:
+            out.append(json_event(self._usage_chunk(payload)))
+        self._charge_allowance()
+        return [*out, SseEvent("[DONE]")]
+
+    def _responses_event(self, event: SseEvent, payload: dict[str, Any]) -> list[SseEvent]:
+        self.sequence = int(payload.get("sequence_number") or self.sequence)
+        kind = payload.get("type")
+        if kind == "response.created" and isinstance(payload.get("response"), dict):
+            self.response = payload["response"]
+        if kind in ("response.completed", "response.incomplete", "response.failed"):
+            usage = usage_of(payload.get("response"))
+            if usage is not None:
+                self.exchange.usage = usage
+        if kind != "response.output_text.delta":
+            return [event]
+        text = str(payload.get("delta") or "")
+        if self.room is None or self.chars + len(text) <= self.room:
+            self.chars += len(text)
+            return [event]
+        keep = self.room - self.chars
+        self.chars, self.cut = self.room, True
+        out = [json_event({**payload, "delta": text[:keep]}, event=event.event)] if keep > 0 else []
+        incomplete = {**(self.response or {}), "status": "incomplete",
+                      "incomplete_details": {"reason": "max_output_tokens"}}  # fmt: skip
+        done = {"type": "response.incomplete", "sequence_number": self.sequence + 1,
+                "response": incomplete}  # fmt: skip
+        self._charge_allowance()
+        return [*out, json_event(done, event="response.incomplete")]
+
+    def _usage_chunk(self, payload: dict[str, Any]) -> dict[str, Any]:
+        prompt = self.exchange.ratelimit_reservation.prompt_tokens
+        completion = self.room // CHARS_PER_TOKEN if self.room is not None else 0
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion,
+                 "total_tokens": prompt + completion}  # fmt: skip
+        return {**_envelope(payload), "choices": [], "usage": usage}
+
+    def _charge_allowance(self) -> None:
+        """A cut stream is charged exactly what its budget allowed."""
+        ticket: Ticket = self.exchange.ratelimit_reservation
+        self.exchange.usage = Usage(ticket.prompt_tokens, ticket.allowance or 0)
+
+
+def _choice_text(choice: dict[str, Any]) -> str:
+    if "text" in choice:
+        return str(choice.get("text") or "")
+    delta = choice.get("delta") or {}
+    parts = [str(delta.get("content") or "")]
+    for call in delta.get("tool_calls") or ():
+        parts.append(str(((call or {}).get("function") or {}).get("arguments") or ""))
+    return "".join(parts)
+
+
+def _truncated(payload: dict[str, Any], keep: int) -> dict[str, Any]:
+    """The chunk with only its first `keep` characters of content (first choice)."""
+    choice = dict((payload.get("choices") or [{}])[0])
+    if "text" in choice:
+        choice["text"] = str(choice.get("text") or "")[:keep]
+    else:
+        delta = dict(choice.get("delta") or {})
+        delta["content"] = str(delta.get("content") or "")[:keep]
+        delta.pop("tool_calls", None)
+        choice["delta"] = delta
+    return {**payload, "choices": [choice]}
+
+
+def _envelope(payload: dict[str, Any]) -> dict[str, Any]:
+    return {k: payload[k] for k in ("id", "object", "created", "model") if k in payload}
+
+
+def _length_chunk(payload: dict[str, Any], endpoint: str) -> dict[str, Any]:
+    if endpoint == "completions":
+        choice: dict[str, Any] = {"text": "", "index": 0, "logprobs": None}
+    else:
+        choice = {"index": 0, "delta": {}, "logprobs": None}
+    choice["finish_reason"] = "length"
+    return {**_envelope(payload), "choices": [choice]}
+
+
+def rate_headers(standings: tuple[Standing, ...]) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers for the tightest request limit and token limit."""
+    headers: dict[str, str] = {}
+    for unit, kinds in (("requests", ("r",)), ("tokens", ("t", "b"))):
+        relevant = [s for s in standings if s.limit.kind in kinds]
+        if not relevant:
+            continue
+        tightest = min(relevant, key=lambda s: (s.remaining, -s.reset_ms))
+        headers[f"x-ratelimit-limit-{unit}"] = str(tightest.limit.limit)
+        headers[f"x-ratelimit-remaining-{unit}"] = str(tightest.remaining)
+        headers[f"x-ratelimit-reset-{unit}"] = duration(tightest.reset_ms)
+    return headers
+
+
+def duration(ms: int) -> str:
+    """OpenAI's reset format: `20ms`, `1s`, `6m0s`, `1h2m3.5s`."""
+    if ms < 1000:
+        return f"{max(ms, 0)}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    seconds = f"{rest / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{seconds}"
+    return f"{minutes}m{seconds}" if minutes else seconds
+
+
+def _refusal(
+    exchange: Exchange, decision: Decision, headers: dict[str, str], ask: Ask
+) -> RateLimitError | QuotaExceededError:
+    blocked = decision.blocked
+    assert blocked is not None  # noqa: S101 - a refused decision names its limit
+    who = {"key": "your key", "tenant": "your organization", "model": "this model",
+           "global": "this gateway"}[blocked.dimension]  # fmt: skip
+    if blocked.kind == "b":
+        exchange.ratelimit_outcome = "quota"
+        period = _PERIOD[blocked.name]
+        message = (f"You exceeded the {period}ly token budget of {who} ({blocked.limit} tokens). "
+                   f"It renews at the start of the next {period} (UTC).")  # fmt: skip
+        return QuotaExceededError(message, headers={**headers, "x-should-retry": "false"})
+    exchange.ratelimit_outcome = "limited"
+    if decision.retry_ms < 0:
+        message = (f"Request too large: it may use {ask.tokens} tokens but the limit of {who} "
+                   f"is {blocked.limit} tokens per minute. Lower max_tokens or shorten the "
+                   "prompt.")  # fmt: skip
+        extra = {**headers, "x-should-retry": "false"}
+        return RateLimitError(message, retry_after=blocked.window_ms / 1000, headers=extra)
+    seconds = decision.retry_ms / 1000
+    message = (f"Rate limit reached for {who}: {blocked.limit} {_describe(blocked)}. "
+               f"Try again in {seconds:.3g}s.")  # fmt: skip
+    extra = {**headers, "retry-after-ms": str(decision.retry_ms)}
+    return RateLimitError(message, retry_after=seconds, headers=extra)
+
+
+def _describe(limit: Limit) -> str:
+    return {"requests_per_second": "requests per second",
+            "requests_per_minute": "requests per minute",
+            "tokens_per_minute": "tokens per minute",
+            "concurrent": "requests in flight"}.get(limit.name, limit.name)  # fmt: skip

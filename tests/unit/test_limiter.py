@@ -1,0 +1,213 @@
+"""The limit algorithms on both backends (a real redis-server and memory), with a fake clock,
+and the limiter's circuit breaker and failure modes."""
+
+from __future__ import annotations
+
+import random
+import uuid
+
+import pytest
+
+from gateway import metrics
+from gateway.config import LimitSettings, LimitValues, RedisSettings
+from gateway.errors import ServiceUnavailableError
+from gateway.limiter import Breaker, Limiter, RedisBackend
+from gateway.limits import Ask, Limit, MemoryBackend, limits_for
+
+T0 = 1_750_000_000_000.0  # ms; a fixed "now" injected into both backends
+
+
+def rate(limit: int, window_ms: int = 60_000, *, kind: str = "r", key: str = "k") -> Limit:
+    return Limit("requests_per_minute", "key", f"{key}:{kind}", kind, limit, window_ms)
+
+
+def budget(limit: int, key: str = "k") -> Limit:
+    return Limit("daily_tokens", "key", f"{key}:b", "b", limit, 3_600_000)
+
+
+def slots(limit: int, lease_ms: int = 10_000, key: str = "k") -> Limit:
+    return Limit("concurrent", "key", f"{key}:c", "c", limit, lease_ms)
+
+
+def ask(*limits: Limit, tokens: int = 0, least: int = 0) -> Ask:
+    return Ask(uuid.uuid4().hex, limits, tokens, least)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def backend(request, redis_server):
+    if request.param == "memory":
+        yield MemoryBackend()
+        return
+    redis = RedisBackend(RedisSettings(url=redis_server.url), "test:" + uuid.uuid4().hex[:8])
+    yield redis
+    await redis.close()
+
+
+async def test_request_rate_allows_the_burst_then_one_per_interval(backend):
+    limit = rate(3)
+    results = [await backend.reserve(ask(limit), T0) for _ in range(4)]
+    assert [d.allowed for d in results] == [True, True, True, False]
+    assert results[3].retry_ms == 20_000
+    assert [d.standings[0].remaining for d in results[:3]] == [2, 1, 0]
+    assert not (await backend.reserve(ask(limit), T0 + 19_999)).allowed
+    assert (await backend.reserve(ask(limit), T0 + 20_000)).allowed
+
+
+async def test_a_request_one_ms_past_its_turn_passes(backend):
+    limit = rate(2, 2000)
+    await backend.reserve(ask(limit), T0)
+    await backend.reserve(ask(limit), T0)
+    assert (await backend.reserve(ask(limit), T0 + 999)).retry_ms == 1
+    assert (await backend.reserve(ask(limit), T0 + 1001)).allowed
+
+
+async def test_a_refused_request_costs_nothing(backend):
+    own, shared = rate(5, key="own"), rate(1, key="all")
+    assert (await backend.reserve(ask(own, shared), T0)).allowed
+    refused = await backend.reserve(ask(own, shared), T0)
+    assert not refused.allowed and refused.blocked == shared
+    assert refused.standings[0].remaining == 4  # the key's limit was not charged
+    alone = await backend.reserve(ask(own), T0)
+    assert alone.standings[0].remaining == 3
+
+
+async def test_budget_grants_what_is_left_then_refuses(backend):
+    limit = budget(100)
+    first = await backend.reserve(ask(limit, tokens=80, least=10), T0)
+    second = await backend.reserve(ask(limit, tokens=80, least=10), T0)
+    third = await backend.reserve(ask(limit, tokens=80, least=10), T0)
+    assert (first.granted, second.granted) == (80, 20)
+    assert not third.allowed and third.blocked == limit and third.retry_ms == -1
+
+
+async def test_settling_charges_exactly_the_tokens_used(backend):
+    tokens, limit = rate(600, kind="t"), budget(1000)
+    first = await backend.reserve(ask(tokens, limit, tokens=500, least=1), T0)
+    await backend.settle(first.reservation, 123, T0)
+    rest = await backend.reserve(ask(limit, tokens=10_000, least=1), T0)
+    assert rest.granted == 1000 - 123
+    assert (await backend.reserve(ask(tokens, tokens=477, least=1), T0)).allowed
+    assert not (await backend.reserve(ask(tokens, tokens=1, least=1), T0)).allowed
+
+
+async def test_settling_more_than_reserved_charges_the_excess(backend):
+    limit = budget(1000)
+    first = await backend.reserve(ask(limit, tokens=100, least=1), T0)
+    await backend.settle(first.reservation, 400, T0)
+    assert (await backend.reserve(ask(limit, tokens=10_000, least=1), T0)).granted == 600
+
+
+async def test_a_request_larger_than_the_token_rate_can_never_pass(backend):
+    limit = rate(100, kind="t")
+    decision = await backend.reserve(ask(limit, tokens=200, least=1), T0)
+    assert not decision.allowed and decision.retry_ms == -1 and decision.blocked == limit
+
+
+async def test_concurrency_slots_are_held_until_settled_or_the_lease_ends(backend):
+    limit = slots(2, lease_ms=10_000)
+    first = await backend.reserve(ask(limit), T0)
+    assert (await backend.reserve(ask(limit), T0)).allowed
+    refused = await backend.reserve(ask(limit), T0)
+    assert not refused.allowed and refused.retry_ms == 1000
+    await backend.settle(first.reservation, 0, T0)
+    assert (await backend.reserve(ask(limit), T0)).allowed
+    assert not (await backend.reserve(ask(limit), T0 + 9_999)).allowed
+    assert (await backend.reserve(ask(limit), T0 + 10_000)).allowed
+
+
+async def test_redis_and_memory_decide_alike(redis_server):
+    """The Lua script and the memory backend are the same algorithm: replay one history."""
+    rng = random.Random(4)
+    redis = RedisBackend(RedisSettings(url=redis_server.url), "parity")
+    memory = MemoryBackend()
+    limits = [rate(7), rate(3, 1000), rate(900, kind="t"), budget(5000), slots(3)]
+    now, held = T0, []
+    try:
+        for _ in range(300):
+            now += rng.choice([0, 1, 37, 250, 1500])
+            if held and rng.random() < 0.4:
+                reservation = held.pop(rng.randrange(len(held)))
+                used = rng.randrange(0, 300)
+                await redis.settle(reservation, used, now)
+                await memory.settle(reservation, used, now)
+                continue
+            chosen = tuple(lim for lim in limits if rng.random() < 0.6)
+            request = ask(*chosen, tokens=rng.randrange(1, 400), least=1)
+            got_redis = await redis.reserve(request, now)
+            got_memory = await memory.reserve(request, now)
+            assert got_redis.allowed == got_memory.allowed
+            assert got_redis.granted == got_memory.granted
+            assert got_redis.retry_ms == got_memory.retry_ms
+            assert got_redis.standings == got_memory.standings
+            if got_redis.reservation:
+                held.append(got_redis.reservation)
+    finally:
+        await redis.close()
+
+
+def test_limits_for_names_every_configured_limit_and_hides_the_subject():
+    values = LimitValues(requests_per_second=1, tokens_per_minute=10, concurrent=2,
+                         daily_tokens=5, monthly_tokens=50)  # fmt: skip
+    found = limits_for(values, "key", "alice@example.test", now=T0 / 1000, lease_ms=1000)
+    names = ["requests_per_second", "tokens_per_minute", "concurrent", "daily_tokens",
+             "monthly_tokens"]  # fmt: skip
+    assert [lim.name for lim in found] == names
+    assert all("alice" not in lim.key for lim in found)
+    assert found[3].key.endswith(":d20250615") and found[4].key.endswith(":m202506")
+
+
+def test_breaker_opens_after_failures_and_lets_one_trial_through():
+    now = [0.0]
+    breaker = Breaker(2, 5.0, lambda: now[0])
+    breaker.failed()
+    assert breaker.allows()
+    breaker.failed()
+    assert not breaker.allows()
+    now[0] = 5.0
+    assert breaker.allows()
+    assert not breaker.allows()  # only one trial at a time
+    breaker.succeeded()
+    assert breaker.allows() and not breaker.is_open
+
+
+def _limiter(url: str, mode: str) -> Limiter:
+    settings = LimitSettings(enabled=True, backend="redis", failure_mode=mode,
+                             breaker={"failures": 2, "open_seconds": 0.2})  # fmt: skip
+    return Limiter(settings, RedisSettings(url=url, timeout=0.2, connect_timeout=0.2))
+
+
+async def test_dead_redis_fails_closed_then_the_breaker_answers_without_calling(redis_server):
+    limiter = _limiter(redis_server.url, "closed")
+    request = ask(rate(100, key=uuid.uuid4().hex))
+    try:
+        assert (await limiter.reserve(request)).reservation.backend == "redis"
+        redis_server.stop()
+        fast = metrics.RATELIMIT_FALLBACK.labels("breaker_open", "refused")
+        before = fast._value.get()
+        for _ in range(4):
+            with pytest.raises(ServiceUnavailableError):
+                await limiter.reserve(request)
+        assert limiter.breaker.is_open
+        assert fast._value.get() - before == 2  # after two failures, no more Redis calls
+        assert await limiter.check_ready() is not None
+    finally:
+        await limiter.close()
+
+
+async def test_dead_redis_fails_open_to_memory_and_recovers(redis_server):
+    limiter = _limiter(redis_server.url, "open")
+    limit = rate(100, key=uuid.uuid4().hex)
+    try:
+        redis_server.stop()
+        decision = await limiter.reserve(ask(limit))
+        assert decision.allowed and decision.reservation.backend == "memory"
+        await redis_server.restart()
+        for _ in range(50):
+            decision = await limiter.reserve(ask(limit))
+            if decision.reservation.backend == "redis":
+                break
+            await __import__("asyncio").sleep(0.05)
+        assert decision.reservation.backend == "redis"
+        assert not limiter.breaker.is_open
+    finally:
+        await limiter.close()

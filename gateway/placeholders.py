@@ -1,0 +1,84 @@
+"""Typed placeholders such as `<PERSON_1>`: how they look, and putting the originals back.
+
+Owns the placeholder format, restoring issued placeholders in whole texts, JSON trees and tool
+arguments, and `Holdback`, which restores a text that arrives in pieces (a placeholder may be
+split across stream chunks). Must not know HTTP, stages or detection; standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+PLACEHOLDER = re.compile(r"<[A-Z][A-Z0-9_]*_\d+>")
+
+
+def placeholder(entity: str, number: int) -> str:
+    return f"<{entity}_{number}>"
+
+
+def json_escaped(table: dict[str, str]) -> dict[str, str]:
+    """The same table with values escaped for use inside a JSON string (tool arguments)."""
+    return {key: json.dumps(value, ensure_ascii=False)[1:-1] for key, value in table.items()}
+
+
+def restore_text(text: str, table: dict[str, str]) -> str:
+    """Replaces the placeholders in `table`; others (e.g. invented by the model) stay."""
+    if "<" not in text:
+        return text
+    return PLACEHOLDER.sub(lambda m: table.get(m.group(), m.group()), text)
+
+
+def restore_tree(node: Any, table: dict[str, str], escaped: dict[str, str]) -> Any:
+    """Restores every string in a JSON tree; `arguments` strings get JSON-escaped values."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if isinstance(value, str):
+                node[key] = restore_text(value, escaped if key == "arguments" else table)
+            elif isinstance(value, dict | list):
+                restore_tree(value, table, escaped)
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            if isinstance(value, str):
+                node[index] = restore_text(value, table)
+            elif isinstance(value, dict | list):
+                restore_tree(value, table, escaped)
+    return node
+
+
+class Holdback:
+    """Restores text fed piece by piece, holding back only a possible partial placeholder.
+
+    `feed` returns the text that is safe to release; `flush` returns what is left at the end.
+    """
+
+    __slots__ = ("_prefixes", "_table", "_tail")
+
+    def __init__(self, table: dict[str, str]) -> None:
+        self._table = table
+        self._prefixes = {key[:i] for key in table for i in range(1, len(key))}
+        self._tail = ""
+
+    def feed(self, text: str) -> str:
+        buffer, self._tail = self._tail + text, ""
+        out = []
+        position = 0
+        while (start := buffer.find("<", position)) != -1:
+            out.append(buffer[position:start])
+            match = PLACEHOLDER.match(buffer, start)
+            if match:
+                out.append(self._table.get(match.group(), match.group()))
+                position = match.end()
+                continue
+            if buffer[start:] in self._prefixes:
+                self._tail = buffer[start:]
+                return "".join(out)
+            out.append("<")
+            position = start + 1
+        out.append(buffer[position:])
+        return "".join(out)
+
+    def flush(self) -> str:
+        tail, self._tail = self._tail, ""
+        return tail

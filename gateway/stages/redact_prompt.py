@@ -1,0 +1,439 @@
+"""`RedactPrompt`: personal data and secrets leave the request before it reaches a provider.
+
+Owns finding every piece of client text in a request (chat, responses, completions,
+embeddings; content, names, tool arguments and results), applying each finding's action
+(pseudonymize, mask, hash, block) and, on the way back, restoring issued placeholders in
+completions and streams. Must not detect anything itself (the `Redactor` engine does) nor log
+values.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from gateway import metrics
+from gateway.errors import ContentPolicyError, InvalidRequestError
+from gateway.exchange import Exchange
+from gateway.log import get_logger
+from gateway.pipeline import Stage
+from gateway.placeholders import (
+    PLACEHOLDER,
+    Holdback,
+    json_escaped,
+    placeholder,
+    restore_tree,
+)
+from gateway.redaction_rules import RedactionRules
+from gateway.redactor import Finding
+from gateway.sse import SseEvent, json_event
+
+NON_TEXT_PARTS = {"image_url", "input_image", "input_audio", "input_file", "file"}
+log = get_logger("gateway.redact_prompt")
+
+
+class TextAnalyzer(Protocol):
+    """What the stage needs from the `Redactor` (tests pass a fake)."""
+
+    rules: RedactionRules
+
+    async def analyze(self, texts: Sequence[str], rules: RedactionRules) -> list[list[Finding]]: ...
+
+    def keyed_hash(self, value: str) -> str: ...
+
+
+RulesFor = Callable[[Exchange], RedactionRules]
+"""The rules for one request (e.g. from the policy set); default: the redactor's rules."""
+
+
+@dataclass(slots=True)
+class Slot:
+    """Where one text lives: `container[key]`; `where` names it in errors (never the value)."""
+
+    container: Any
+    key: str | int
+    where: str
+
+    @property
+    def text(self) -> str:
+        return str(self.container[self.key])
+
+
+@dataclass(slots=True)
+class Collected:
+    slots: list[Slot] = field(default_factory=list)
+    json_fields: list[tuple[Any, str | int, Any]] = field(default_factory=list)
+
+
+class RedactPrompt(Stage):
+    """Replaces findings in every client text; restores placeholders in the answer."""
+
+    name = "redact_prompt"
+
+    def __init__(self, redactor: TextAnalyzer, *, rules_for: RulesFor | None = None) -> None:
+        self._redactor = redactor
+        self._rules_for = rules_for or (lambda _: redactor.rules)
+
+    async def on_request(self, exchange: Exchange) -> None:
+        if exchange.endpoint == "models":
+            return
+        rules = self._rules_for(exchange)
+        collected = collect_texts(exchange.endpoint, exchange.body, rules)
+        slots = [slot for slot in collected.slots if slot.text.strip()]
+        if not slots:
+            return
+        texts = [slot.text for slot in slots]
+        findings = await self._redactor.analyze(texts, rules)
+        replacer = Replacer(exchange, rules, self._redactor.keyed_hash, taken_placeholders(texts))
+        changed = False
+        for slot, text, found in zip(slots, texts, findings, strict=True):
+            if found:
+                slot.container[slot.key] = replacer.replace(text, found, slot.where)
+                changed = True
+        if changed:
+            for container, key, parsed in collected.json_fields:
+                container[key] = json.dumps(parsed, ensure_ascii=False)
+            exchange.mark_changed()
+            log.info("prompt_redacted", entities=dict(exchange.redaction_counts))
+
+    async def on_response(self, exchange: Exchange, completion: dict[str, Any]) -> dict[str, Any]:
+        table = restore_table(exchange)
+        if table:
+            restore_tree(completion, table, json_escaped(table))
+        return completion
+
+    def on_stream(
+        self, exchange: Exchange, events: AsyncIterator[SseEvent]
+    ) -> AsyncIterator[SseEvent]:
+        table = restore_table(exchange)
+        if not table:
+            return events
+        return StreamRestorer(table).run(events)
+
+
+def restore_table(exchange: Exchange) -> dict[str, str]:
+    return {key: exchange.placeholders[key] for key in exchange.restorable}
+
+
+def taken_placeholders(texts: Sequence[str]) -> set[str]:
+    """Placeholder-shaped strings the client wrote itself; new placeholders avoid them."""
+    return {match for text in texts if "<" in text for match in PLACEHOLDER.findall(text)}
+
+
+class Replacer:
+    """Applies each finding's action; one per request, so equal values share a placeholder."""
+
+    def __init__(
+        self, exchange: Exchange, rules: RedactionRules, hasher: Callable[[str], str],
+        taken: set[str],
+    ) -> None:  # fmt: skip
+        self._exchange = exchange
+        self._rules = rules
+        self._hasher = hasher
+        self._taken = taken
+        self._issued: dict[tuple[str, str], str] = {}
+        self._numbers: defaultdict[str, int] = defaultdict(int)
+
+    def replace(self, text: str, findings: list[Finding], where: str) -> str:
+        out, position = [], 0
+        for finding in findings:
+            out.append(text[position : finding.start])
+            out.append(self._substitute(finding.entity, text[finding.start : finding.end], where))
+            position = finding.end
+        out.append(text[position:])
+        return "".join(out)
+
+    def _substitute(self, entity: str, value: str, where: str) -> str:
+        rule = self._rules.rule_for(entity)
+        if rule.action == "block":
+            metrics.REDACTION_ENTITIES.labels(entity, "block").inc()
+            raise ContentPolicyError(
+                f"The request contains a value of type {entity} in {where}, which this gateway "
+                "does not forward to the model. Remove it and try again.",
+                param=where,
+            )
+        counts = self._exchange.redaction_counts
+        counts[entity] = counts.get(entity, 0) + 1
+        metrics.REDACTION_ENTITIES.labels(entity, rule.action).inc()
+        if rule.action == "mask":
+            return re.sub(r"\S", "*", value)
+        if rule.action == "hash":
+            return f"<{entity}#{self._hasher(value)}>"
+        return self._pseudonym(entity, value, restore=rule.restore)
+
+    def _pseudonym(self, entity: str, value: str, *, restore: bool) -> str:
+        issued = self._issued.get((entity, value))
+        if issued is None:
+            issued = self._next_placeholder(entity)
+            self._issued[(entity, value)] = issued
+            self._exchange.placeholders[issued] = value
+            if restore:
+                self._exchange.restorable.add(issued)
+        return issued
+
+    def _next_placeholder(self, entity: str) -> str:
+        while True:
+            self._numbers[entity] += 1
+            candidate = placeholder(entity, self._numbers[entity])
+            if candidate not in self._taken:
+                return candidate
+
+
+# --- finding the texts ------------------------------------------------------------------------
+
+
+def collect_texts(endpoint: str, body: dict[str, Any], rules: RedactionRules) -> Collected:
+    """Every client text the provider would receive, as editable slots."""
+    found = Collected()
+    if endpoint == "chat.completions":
+        for index, message in enumerate(_list(body.get("messages"))):
+            _message(found, message, f"messages[{index}]", rules)
+    elif endpoint == "responses":
+        _string(found, body, "instructions", "instructions")
+        _responses_input(found, body, rules)
+    elif endpoint in ("completions", "embeddings"):
+        name = "prompt" if endpoint == "completions" else "input"
+        _prompt(found, body, name)
+    return found
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _string(found: Collected, container: Any, key: str | int, where: str) -> None:
+    if isinstance(container, dict | list) and isinstance(_get(container, key), str):
+        found.slots.append(Slot(container, key, where))
+
+
+def _get(container: Any, key: str | int) -> Any:
+    if isinstance(container, dict):
+        return container.get(key)
+    return container[key] if isinstance(key, int) and 0 <= key < len(container) else None
+
+
+def _message(found: Collected, message: Any, where: str, rules: RedactionRules) -> None:
+    if not isinstance(message, dict):
+        return
+    _content(found, message, "content", f"{where}.content", rules)
+    for key in ("name", "refusal"):
+        _string(found, message, key, f"{where}.{key}")
+    for index, call in enumerate(_list(message.get("tool_calls"))):
+        if isinstance(call, dict):
+            _arguments(found, call.get("function"), f"{where}.tool_calls[{index}].function")
+    _arguments(found, message.get("function_call"), f"{where}.function_call")
+
+
+def _content(found: Collected, holder: Any, key: str, where: str, rules: RedactionRules) -> None:
+    value = holder.get(key)
+    if isinstance(value, str):
+        found.slots.append(Slot(holder, key, where))
+        return
+    for index, part in enumerate(_list(value)):
+        if not isinstance(part, dict):
+            continue
+        kind = part.get("type")
+        if kind in NON_TEXT_PARTS and rules.images == "refuse":
+            raise ContentPolicyError(
+                f"{where}[{index}] is a {kind} part; this gateway only forwards text it can "
+                "check for personal data. Send text only.",
+                param=f"{where}[{index}]",
+            )
+        for text_key in ("text", "refusal"):
+            _string(found, part, text_key, f"{where}[{index}].{text_key}")
+
+
+def _arguments(found: Collected, function: Any, where: str) -> None:
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return
+    try:
+        parsed = json.loads(function["arguments"])
+    except ValueError:
+        found.slots.append(Slot(function, "arguments", f"{where}.arguments"))
+        return
+    found.json_fields.append((function, "arguments", parsed))
+    _json_leaves(found, parsed, f"{where}.arguments")
+
+
+def _json_leaves(found: Collected, node: Any, where: str) -> None:
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) \
+        else ()  # fmt: skip
+    for key, value in items:
+        if isinstance(value, str):
+            found.slots.append(Slot(node, key, where))
+        else:
+            _json_leaves(found, value, where)
+
+
+def _responses_input(found: Collected, body: dict[str, Any], rules: RedactionRules) -> None:
+    if isinstance(body.get("input"), str):
+        found.slots.append(Slot(body, "input", "input"))
+        return
+    for index, item in enumerate(_list(body.get("input"))):
+        if not isinstance(item, dict):
+            continue
+        where = f"input[{index}]"
+        kind = item.get("type", "message")
+        if kind == "message":
+            _content(found, item, "content", f"{where}.content", rules)
+        elif kind == "function_call":
+            _arguments(found, item, where)
+        elif kind in ("function_call_output", "custom_tool_call_output"):
+            _content(found, item, "output", f"{where}.output", rules)
+
+
+def _prompt(found: Collected, body: dict[str, Any], name: str) -> None:
+    value = body.get(name)
+    if isinstance(value, str):
+        found.slots.append(Slot(body, name, name))
+        return
+    for index, item in enumerate(_list(value)):
+        if not isinstance(item, str):
+            raise InvalidRequestError(
+                f"'{name}' holds token ids, which this gateway cannot check for personal "
+                "data. Send text instead.",
+                param=name,
+            )
+        found.slots.append(Slot(value, index, f"{name}[{index}]"))
+
+
+# --- restoring streams ------------------------------------------------------------------------
+
+
+class StreamRestorer:
+    """Restores placeholders in stream deltas, per choice / tool call / output item."""
+
+    def __init__(self, table: dict[str, str]) -> None:
+        self._table = table
+        self._escaped = json_escaped(table)
+        self._channels: dict[tuple[Any, ...], Holdback] = {}
+        self._last: dict[str, Any] | None = None
+
+    async def run(self, events: AsyncIterator[SseEvent]) -> AsyncIterator[SseEvent]:
+        async for event in events:
+            if event.is_done:
+                leftover = self._leftover_chunk()
+                if leftover is not None:
+                    yield leftover
+                yield event
+                continue
+            for out in self._event(event):
+                yield out
+        leftover = self._leftover_chunk()
+        if leftover is not None:
+            yield leftover
+
+    def _channel(self, key: tuple[Any, ...]) -> Holdback:
+        if key not in self._channels:
+            self._channels[key] = Holdback(self._escaped if key[0] == "args" else self._table)
+        return self._channels[key]
+
+    def _event(self, event: SseEvent) -> list[SseEvent]:
+        try:
+            payload = event.json()
+        except ValueError:
+            return [event]
+        if not isinstance(payload, dict):
+            return [event]
+        kind = payload.get("type")
+        if isinstance(kind, str) and kind.startswith("response."):
+            return self._responses_event(payload, kind, event.event)
+        self._last = payload
+        for choice in _list(payload.get("choices")):
+            if isinstance(choice, dict):
+                self._choice(choice)
+        return [json_event(payload, event=event.event)]
+
+    def _choice(self, choice: dict[str, Any]) -> None:
+        index = choice.get("index", 0)
+        if isinstance(choice.get("text"), str):  # completions
+            choice["text"] = self._channel(("text", index)).feed(choice["text"])
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            if isinstance(delta.get("content"), str):
+                delta["content"] = self._channel(("content", index)).feed(delta["content"])
+            for call in _list(delta.get("tool_calls")):
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                    key = ("args", index, call.get("index", 0))
+                    function["arguments"] = self._channel(key).feed(function["arguments"])
+        if choice.get("finish_reason") is not None:
+            self._flush_choice(choice, index)
+
+    def _flush_choice(self, choice: dict[str, Any], index: Any) -> None:
+        for key, channel in list(self._channels.items()):
+            if len(key) < 2 or key[1] != index:
+                continue
+            tail = channel.flush()
+            if not tail:
+                continue
+            if key[0] == "text":
+                choice["text"] = choice.get("text", "") + tail
+                continue
+            delta = choice.setdefault("delta", {})
+            if key[0] == "content":
+                delta["content"] = (delta.get("content") or "") + tail
+            else:
+                calls = delta.setdefault("tool_calls", [])
+                calls.append({"index": key[2], "function": {"arguments": tail}})
+
+    def _leftover_chunk(self) -> SseEvent | None:
+        """A last chunk for text still held back when the stream ended without finish_reason."""
+        if self._last is None:
+            return None
+        choices = []
+        for key, channel in self._channels.items():
+            tail = channel.flush()
+            if tail and key[0] == "text":
+                choices.append({"index": key[1], "text": tail, "finish_reason": None})
+            elif tail and key[0] == "content":
+                choices.append({"index": key[1], "delta": {"content": tail},
+                                "finish_reason": None})  # fmt: skip
+            elif tail:
+                call = {"index": key[2], "function": {"arguments": tail}}
+                choices.append({"index": key[1], "delta": {"tool_calls": [call]},
+                                "finish_reason": None})  # fmt: skip
+        if not choices:
+            return None
+        base = {k: v for k, v in self._last.items() if k not in ("choices", "usage")}
+        return json_event({**base, "choices": choices})
+
+    def _responses_event(
+        self, payload: dict[str, Any], kind: str, name: str | None
+    ) -> list[SseEvent]:
+        delta_key = _responses_delta_key(payload, kind)
+        if delta_key is not None:
+            payload["delta"] = self._channel(delta_key).feed(str(payload.get("delta", "")))
+            return [json_event(payload, event=name)]
+        out = []
+        done_key = _responses_done_key(payload, kind)
+        if done_key is not None and done_key in self._channels:
+            tail = self._channels.pop(done_key).flush()
+            if tail:
+                extra = {**payload, "type": kind.replace(".done", ".delta"), "delta": tail}
+                for field_name in ("text", "arguments"):
+                    extra.pop(field_name, None)
+                out.append(json_event(extra, event=str(extra["type"])))
+        restore_tree(payload, self._table, self._escaped)
+        out.append(json_event(payload, event=name))
+        return out
+
+
+def _responses_delta_key(payload: dict[str, Any], kind: str) -> tuple[Any, ...] | None:
+    if kind == "response.output_text.delta":
+        return ("text", payload.get("item_id"), payload.get("content_index"))
+    if kind == "response.function_call_arguments.delta":
+        return ("args", payload.get("item_id"))
+    return None
+
+
+def _responses_done_key(payload: dict[str, Any], kind: str) -> tuple[Any, ...] | None:
+    if kind == "response.output_text.done":
+        return ("text", payload.get("item_id"), payload.get("content_index"))
+    if kind == "response.function_call_arguments.done":
+        return ("args", payload.get("item_id"))
+    return None

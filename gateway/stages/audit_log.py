@@ -1,0 +1,96 @@
+"""`AuditLog`: first stage, last to complete; writes the request's audit event and hands the
+request to the anomaly detector.
+
+Owns turning a finished `Exchange` into an audit event and an anomaly `Observation`, and
+anomalies into security events. Must not delay the answer: detection runs in the background.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.anomaly import Anomaly, AnomalyDetector, Observation
+from gateway.audit import AuditWriter, EventContext, build_request_event, iso, security_event
+from gateway.exchange import Exchange
+from gateway.pipeline import Stage
+
+_VIOLATIONS = frozenset({"block", "deny", "redact", "mask", "alert", "flag"})
+
+
+@dataclass(slots=True)
+class AuditTrail:
+    """The writer, the pseudonym context and (optionally) the anomaly detector."""
+
+    writer: AuditWriter
+    context: EventContext
+    detector: AnomalyDetector | None = None
+    injection_rule: str = "injection"
+    canary_rule: str = "canary"
+
+    def record(self, exchange: Exchange) -> None:
+        """Writes the event of a finished request and queues it for anomaly detection."""
+        event = build_request_event(exchange, self.context, self.writer.now())
+        self.writer.write(event)
+        if self.detector is not None:
+            self.detector.submit(self.observation(exchange, event))
+
+    def observation(self, exchange: Exchange, event: Mapping[str, Any]) -> Observation:
+        enforced = [d for d in exchange.decisions if d.mode == "enforce"]
+        injections = [d for d in enforced if d.action == "block" and
+                      self.injection_rule in f"{d.policy_id} {d.rule_id}"]  # fmt: skip
+        canary = any(self.canary_rule in f"{d.policy_id} {d.rule_id}" for d in exchange.decisions)
+        assert self.detector is not None  # noqa: S101 - only called with a detector
+        return Observation(
+            at=self.detector.clock(),
+            principal=event.get("user.id"),
+            tenant=event.get("organization.id"),
+            address=event.get("source.address"),
+            credential=event.get("gateway.key.id") or event.get("gateway.credential.fingerprint"),
+            model=exchange.model if exchange.route is not None else None,
+            endpoint=exchange.endpoint,
+            status=exchange.status,
+            tokens=exchange.usage.total_tokens if exchange.usage else 0,
+            violations=sum(1 for d in enforced if d.action in _VIOLATIONS),
+            injection_blocks=len(injections),
+            canary_leak=canary,
+            redactions=sum(exchange.redaction_counts.values()),
+        )
+
+    def report_anomaly(self, anomaly: Anomaly) -> None:
+        """Writes one `anomaly` security event (ECS `event.kind: alert`)."""
+        identity = {"principal": "user.id", "tenant": "organization.id",
+                    "address": "source.address",
+                    "credential": "gateway.credential.fingerprint"}[anomaly.kind]  # fmt: skip
+        fields = {
+            "@timestamp": iso_seconds(anomaly.at),
+            identity: anomaly.identity,
+            "gateway.anomaly.detector": anomaly.detector,
+            "gateway.anomaly.identity_kind": anomaly.kind,
+            "gateway.anomaly.observed": anomaly.observed,
+            "gateway.anomaly.baseline": anomaly.baseline,
+            "gateway.anomaly.score": anomaly.score,
+            "event.severity_name": anomaly.severity,
+            "gateway.pseudonym.key_id": self.context.names.key_id,
+        }
+        self.writer.write(
+            security_event("anomaly", category="intrusion_detection", kind="alert", fields=fields)
+        )
+
+
+def iso_seconds(at: float) -> str:
+    return iso(datetime.fromtimestamp(at, UTC))
+
+
+class AuditLog(Stage):
+    """Records every request that entered the pipeline, whatever its outcome."""
+
+    name = "audit_log"
+
+    def __init__(self, trail: AuditTrail) -> None:
+        self._trail = trail
+
+    async def on_complete(self, exchange: Exchange) -> None:
+        self._trail.record(exchange)

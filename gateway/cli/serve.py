@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from pathlib import Path
@@ -16,12 +17,15 @@ from aiohttp import web
 
 from gateway import __version__
 from gateway.app import create_app
+from gateway.cli.workers import run_master
 from gateway.config import ConfigError, DemoSettings, Settings, load_settings
 from gateway.demo import DemoControl, start_demo
 from gateway.log import configure_logging, get_logger
 from gateway.routes import DRAINING
 
 log = get_logger("gateway.serve")
+DRAIN_GRACE = 2.0
+"""Seconds past the worst-case drain after which a stuck process exits anyway."""
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -30,6 +34,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     serve.add_argument("--host", help="listen address (overrides server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
     serve.add_argument("--workers", type=int, help="worker processes (overrides server.workers)")
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument("--metrics-multiprocess-dir", type=Path, help=argparse.SUPPRESS)
     serve.set_defaults(run=run_serve)
 
     config = commands.add_parser("config", help="configuration tools")
@@ -56,7 +62,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def settings_from(args: argparse.Namespace) -> Settings:
     """Loads `--config` (or the embedded default) and applies command-line overrides."""
     settings = load_settings(getattr(args, "config", None))
-    given = {k: getattr(args, k, None) for k in ("host", "port", "workers")}
+    names = ("host", "port", "workers", "metrics_multiprocess_dir")
+    given = {k: getattr(args, k, None) for k in names}
     server = {k: v for k, v in given.items() if v is not None}
     if not server:
         return settings
@@ -75,10 +82,17 @@ def run_config_check(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    """One process, or with `--workers N` a master that runs N of them on one port."""
     settings = settings_from(args)
     configure_logging(settings.logging.level, settings.logging.format)
+    if settings.server.workers > 1 and not args.worker:
+        return run_master(settings, args.config)
+    if args.worker:
+        # The master turns Ctrl-C into one SIGTERM per worker; taking SIGINT too would count
+        # as a second signal and skip the drain.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _install_uvloop()
-    asyncio.run(serve(settings))
+    asyncio.run(serve(settings, parent_pid=os.getppid() if args.worker else None))
     return 0
 
 
@@ -89,27 +103,70 @@ def _install_uvloop() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve(settings: Settings) -> None:
-    """Serves until SIGTERM or SIGINT, then drains in-flight requests up to the deadline."""
+async def serve(settings: Settings, *, parent_pid: int | None = None) -> None:
+    """Serves until SIGTERM (or SIGINT), then drains: see `_drain`.
+
+    `parent_pid` is the master of a worker: if it disappears, the worker drains and exits.
+    """
+    server = settings.server
     app = create_app(settings)
     runner = web.AppRunner(
-        app,
-        handler_cancellation=True,
-        access_log=None,
-        shutdown_timeout=settings.server.shutdown_timeout,
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=server.shutdown_timeout
     )
     await runner.setup()
-    server = settings.server
     site = web.TCPSite(runner, server.host, server.port, reuse_port=server.workers > 1)
     await site.start()
-    log.info("gateway_started", host=server.host, port=server.port, version=__version__)
+    log.info("gateway_started", host=server.host, port=server.port, version=__version__,
+             pid=os.getpid())  # fmt: skip
+    await _wait_for_stop(parent_pid)
+    await _drain(app, runner, settings)
+
+
+async def _wait_for_stop(parent_pid: int | None) -> None:
+    """Returns on the first SIGTERM or SIGINT, after which a second one exits at once."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    signals = (signal.SIGTERM,) if parent_pid else (signal.SIGTERM, signal.SIGINT)
+    for signum in signals:
         loop.add_signal_handler(signum, stop.set)
+    watcher = asyncio.create_task(_watch_parent(parent_pid, stop)) if parent_pid else None
     await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
+    for signum in signals:
+        loop.add_signal_handler(signum, _exit_now, signum)
+
+
+async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
+    # No event tells a process its parent died; polling once a second is cheap.
+    while os.getppid() == parent_pid:  # noqa: ASYNC110
+        await asyncio.sleep(1.0)
+    log.warning("master_gone", master_pid=parent_pid)
+    stop.set()
+
+
+def _exit_now(signum: int) -> None:
+    log.warning("gateway_exit_forced", signal=signal.Signals(signum).name)
+    os._exit(1)
+
+
+def _exit_overran(seconds: float) -> None:
+    log.error("gateway_drain_overran", seconds=seconds)
+    os._exit(1)
+
+
+async def _drain(app: web.Application, runner: web.AppRunner, settings: Settings) -> None:
+    """Readiness turns false; after `drain_delay` the port closes and idle connections go;
+    in-flight requests and streams get `shutdown_timeout` to finish, then are cancelled."""
+    server = settings.server
     app[DRAINING][0] = True
-    log.info("gateway_stopping", deadline_seconds=server.shutdown_timeout)
+    # aiohttp waits up to shutdown_timeout for handlers, then as long again for cancelled
+    # ones; a resource that still hangs on close after that must not keep the process alive.
+    overrun = server.drain_delay + 2 * server.shutdown_timeout + DRAIN_GRACE
+    asyncio.get_running_loop().call_later(overrun, _exit_overran, overrun)
+    log.info("gateway_draining", drain_delay_seconds=server.drain_delay,
+             deadline_seconds=server.shutdown_timeout)  # fmt: skip
+    await asyncio.sleep(server.drain_delay)
     await runner.cleanup()
     log.info("gateway_stopped")
 

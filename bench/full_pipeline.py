@@ -1,0 +1,375 @@
+"""The full pipeline against the pass-through floor, at 1 and 2 worker processes.
+
+Targets, measured in alternating rounds in one run: the demo provider itself (for added
+latency), the floor proxy (bench/floor_proxy.py), and `gateway serve` with JWT authentication,
+Redis rate limits, the shipped policies, audit logging and prompt redaction, with NER off and
+on, at `--workers 1` and `--workers 2`. Each round has a latency run (one request in flight)
+and a throughput run (`--concurrency` in flight). CPU per request is the CPU time of the
+target's whole process tree (master, workers, NER processes) read from /proc.
+
+The config adapts to the option names the checkout has: a feature whose section is missing is
+left out and listed as such.
+
+`python bench/full_pipeline.py [--rounds 3] [--duration 5] [--concurrency 32] [--quick]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jwt
+import yaml
+from common import (
+    REPO,
+    RunResult,
+    Server,
+    cpu_seconds,
+    fmt,
+    free_port,
+    gateway_command,
+    median,
+    percentile,
+    print_table,
+    ratio,
+    start_server,
+)
+from faker import Faker
+
+from gateway.config import (
+    AuthSettings,
+    LimitSettings,
+    PolicySettings,
+    RedactionSettings,
+    Settings,
+)
+
+ISSUER = "https://bench-issuer.invalid"
+AUDIENCE = "llm-gateway"
+
+
+@dataclass
+class TreeServer:
+    """A started server whose CPU is summed over its whole process tree."""
+
+    server: Server
+
+    @property
+    def name(self) -> str:
+        return self.server.name
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def cpu(self) -> float:
+        return sum(_cpu_or_zero(pid) for pid in descendants(self.server.pid))
+
+    def stop(self) -> None:
+        """Stops the master; any worker or NER process left behind is killed, not orphaned."""
+        tree = descendants(self.server.pid)
+        self.server.stop()
+        for pid in tree[1:]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _cpu_or_zero(pid: int) -> float:
+    try:
+        return cpu_seconds(pid)
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+
+
+def descendants(root: int) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        ppid = int(text[text.rindex(")") + 2 :].split()[1])
+        parents.setdefault(ppid, []).append(int(stat.parent.name))
+    found, queue = [root], [root]
+    while queue:
+        for child in parents.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+@dataclass
+class Features:
+    included: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+
+def full_config(provider: str, redis_url: str, secret: str, ner: bool, features: Features) -> dict:
+    config: dict[str, Any] = {
+        "providers": {"demo": {"kind": "openai", "base_url": provider + "/v1",
+                               "api_key": "bench-provider-key", "retries": {"attempts": 0}}},
+        "models": [{"name": "gpt-4o-mini", "provider": "demo"}],
+        "redis": {"url": redis_url},
+        "audit": {"enabled": True},
+        "logging": {"level": "info"},
+    }  # fmt: skip
+    features.included.append("audit log")
+    issuer = {"issuer": ISSUER, "audience": [AUDIENCE], "algorithms": ["HS256"], "secret": secret}
+    _add(config, features, "jwt auth", "issuers" in AuthSettings.model_fields,
+         "auth", {"mode": "required", "issuers": [issuer]})  # fmt: skip
+    tier = {"requests_per_minute": 10_000_000, "tokens_per_minute": 1_000_000_000,
+            "concurrent": 10_000}  # fmt: skip
+    _add(config, features, "redis rate limits", "tiers" in LimitSettings.model_fields, "limits",
+         {"enabled": True, "backend": "redis", "tiers": {"bench": tier},
+          "assignment": {"default_tier": "bench"}})  # fmt: skip
+    _add(config, features, "shipped policies", "enabled" in PolicySettings.model_fields,
+         "policies", {"enabled": True, "directory": str(REPO / "policies")})  # fmt: skip
+    redaction: dict[str, Any] = {"enabled": True, "workers": 1}
+    if not ner:
+        redaction["rules"] = {"entities": _entities_without_ner()}
+    _add(config, features, f"redaction (NER {'on' if ner else 'off'})",
+         "rules" in RedactionSettings.model_fields, "redaction", redaction)  # fmt: skip
+    Settings.model_validate(config)
+    return config
+
+
+def bare_config(provider: str) -> dict[str, Any]:
+    """The gateway with every feature off: its core (routing, metrics, upstream client)."""
+    config = {
+        "providers": {"demo": {"kind": "openai", "base_url": provider + "/v1",
+                               "api_key": "bench-provider-key", "retries": {"attempts": 0}}},
+        "models": [{"name": "gpt-4o-mini", "provider": "demo"}],
+        "auth": {"mode": "disabled"},
+        "audit": {"enabled": False},
+    }  # fmt: skip
+    Settings.model_validate(config)
+    return config
+
+
+def _add(config: dict, features: Features, label: str, present: bool, key: str,
+         value: dict) -> None:  # fmt: skip
+    """Adds a section when this checkout has its options; notes what was left out."""
+    if present:
+        config[key] = value
+        features.included.append(label)
+    else:
+        features.missing.append(label)
+
+
+def _entities_without_ner() -> dict[str, Any]:
+    from gateway.redaction_rules import NER_ENTITIES, default_entities
+
+    return {name: rule.model_dump(mode="json", exclude_none=True)
+            for name, rule in default_entities().items() if name not in NER_ENTITIES}  # fmt: skip
+
+
+# --- requests ------------------------------------------------------------------------------
+
+
+def request_body() -> bytes:
+    fake = Faker("en_US")
+    Faker.seed(20240601)
+    prompt = (
+        f"Please write a short, polite reply to {fake.name()} ({fake.email()}, phone "
+        f"{fake.phone_number()}) who asked about the delivery of order {fake.random_int()} "
+        f"to {fake.city()}. Mention that the parcel left our warehouse yesterday and should "
+        "arrive within three working days. Keep it under eighty words."
+    )
+    return json.dumps({"model": "gpt-4o-mini", "max_tokens": 64,
+                       "messages": [{"role": "user", "content": prompt}]}).encode()  # fmt: skip
+
+
+def token(secret: str) -> str:
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "bench-user", "tid": "bench",
+              "exp": int(time.time()) + 6 * 3600}  # fmt: skip
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+_LOADGEN = (
+    "import json, sys; sys.path.insert(0, sys.argv[1]); import common; "
+    "common.JSON_HEADERS.update(json.loads(sys.argv[2])); "
+    "sys.argv = [sys.argv[1] + '/common.py'] + sys.argv[3:]; common.main()"
+)
+
+
+def run_load(url: str, body: bytes, headers: dict[str, str], *, concurrency: int,
+             watch: list[Any], count: int = 0, duration: float = 0.0) -> RunResult:  # fmt: skip
+    """bench/common.py's load generator in its own process, with our Authorization header."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as body_file:
+        body_file.write(body)
+        body_file.flush()
+        argv = [sys.executable, "-c", _LOADGEN, str(Path(__file__).parent), json.dumps(headers),
+                "loadgen", "--url", url, "--body-file", body_file.name,
+                "--concurrency", str(concurrency), "--count", str(count),
+                "--duration", str(duration)]  # fmt: skip
+        with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as child:
+            assert child.stdin is not None and child.stdout is not None
+            if child.stdout.readline().strip() != b"ready":
+                raise RuntimeError(f"the load generator failed to warm up against {url}")
+            before = {s.name: s.cpu() for s in watch}
+            child.stdin.write(b"go\n")
+            child.stdin.flush()
+            line = child.stdout.readline()
+            cpu = {s.name: s.cpu() - before[s.name] for s in watch}
+            child.stdin.write(b"bye\n")
+            child.stdin.flush()
+    data = json.loads(line)
+    return RunResult(data["requests"], data["errors"], data["elapsed"], data["latencies"], cpu)
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    server: Any
+    path: str = "/v1/chat/completions"
+    rps: list[float] = field(default_factory=list)
+    p50: list[float] = field(default_factory=list)
+    p99: list[float] = field(default_factory=list)
+    cpu_ms: list[float] = field(default_factory=list)
+    errors: int = 0
+
+
+def start_gateway(name: str, config: dict[str, Any], workers: int, tmp: Path) -> TreeServer:
+    port = free_port()
+    config = {**config, "server": {"host": "127.0.0.1", "port": port, "workers": workers}}
+    path = tmp / f"{name.replace(' ', '_')}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    argv = [*gateway_command(), "serve", "--config", str(path)]
+    server = start_server(name, argv, f"http://127.0.0.1:{port}", ready_path="/readyz",
+                          log_dir=tmp)  # fmt: skip
+    time.sleep(1.0 if workers == 1 else 3.0)  # let every worker finish starting
+    return TreeServer(server)
+
+
+def measure(target: Target, body: bytes, headers: dict[str, str], args: argparse.Namespace) -> None:
+    url = target.server.url + target.path
+    latency = run_load(url, body, headers, concurrency=1, watch=[], count=args.latency_count)
+    load = run_load(url, body, headers, concurrency=args.concurrency, watch=[target.server],
+                    duration=args.duration)  # fmt: skip
+    target.p50.append(1000 * percentile(latency.latencies, 50))
+    target.p99.append(1000 * percentile(latency.latencies, 99))
+    target.rps.append(load.rps)
+    if target.name != "provider (direct)":
+        target.cpu_ms.append(load.cpu_ms_per_request(target.server.name))
+    target.errors += latency.errors + load.errors
+
+
+def report(targets: list[Target], features: Features, args: argparse.Namespace) -> None:
+    direct, floor = targets[0], targets[1]
+    floor_cpu = median(floor.cpu_ms)
+    print(f"\nIncluded: {', '.join(features.included)}")
+    if features.missing:
+        print(f"Not in this checkout (left out): {', '.join(features.missing)}")
+    print(f"{args.rounds} rounds, medians; latency at 1 in flight ({args.latency_count} requests), "
+          f"throughput at {args.concurrency} in flight for {args.duration:g} s\n")  # fmt: skip
+    rows = []
+    for t in targets:
+        added50 = median(t.p50) - median(direct.p50)
+        added99 = median(t.p99) - median(direct.p99)
+        cpu = median(t.cpu_ms)
+        rows.append([t.name, fmt(median(t.rps), 0), fmt(median(t.p50), 2), fmt(added50, 2),
+                     fmt(added99, 2), fmt(cpu, 2), fmt(ratio(cpu, floor_cpu), 2),
+                     str(t.errors)])  # fmt: skip
+    print_table(["target", "req/s", "p50 ms", "added p50 ms", "added p99 ms", "CPU ms/req",
+                 "CPU x floor", "errors"], rows)  # fmt: skip
+    by_name = {t.name: t for t in targets}
+    for ner in ("off", "on"):
+        one, two = (
+            by_name.get(f"full, NER {ner}, 1 worker"),
+            by_name.get(f"full, NER {ner}, 2 workers"),
+        )
+        if one and two:
+            print(f"NER {ner}: 2 workers / 1 worker throughput = "
+                  f"{fmt(ratio(median(two.rps), median(one.rps)), 2)}x")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--latency-count", type=int, default=300)
+    parser.add_argument("--quick", action="store_true", help="1 round, 2 s, 100 latency requests")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.duration, args.latency_count = 1, 2.0, 100
+    if shutil.which("redis-server") is None:
+        sys.exit("redis-server is not installed")
+    secret = secrets.token_urlsafe(48)
+    headers = {"Authorization": f"Bearer {token(secret)}"}
+    body = request_body()
+    features = Features()
+    started: list[Any] = []
+    with tempfile.TemporaryDirectory(prefix="bench-full-") as tmp_name:
+        tmp = Path(tmp_name)
+        try:
+            redis_port = free_port()
+            redis = subprocess.Popen(
+                ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", tmp_name],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            provider_port = free_port()
+            provider = start_server(
+                "provider", [*gateway_command(), "demo-provider", "--port", str(provider_port)],
+                f"http://127.0.0.1:{provider_port}", ready_path="/v1/models", log_dir=tmp,
+            )  # fmt: skip
+            started.append(provider)
+            floor_port = free_port()
+            floor = start_server(
+                "floor", [sys.executable, str(Path(__file__).parent / "floor_proxy.py"),
+                          "--port", str(floor_port), "--upstream", provider.url],
+                f"http://127.0.0.1:{floor_port}", ready_path="/v1/models", log_dir=tmp,
+            )  # fmt: skip
+            started.append(floor)
+            targets = [Target("provider (direct)", provider), Target("floor proxy", floor)]
+            redis_url = f"redis://127.0.0.1:{redis_port}/0"
+            bare = bare_config(provider.url)
+            started.append(start_gateway("gateway, all off, 1 worker", bare, 1, tmp))
+            targets.append(Target("gateway, all off, 1 worker", started[-1]))
+            for ner in (False, True):
+                # Both variants have the same features but the NER switch; list them once.
+                noted = features if not ner else Features()
+                config = full_config(provider.url, redis_url, secret, ner, noted)
+                if ner and "redaction (NER off)" in features.included:
+                    features.included.append("redaction (NER on)")
+                for workers in (1, 2):
+                    label = f"full, NER {'on' if ner else 'off'}, {workers} worker" + (
+                        "s" if workers > 1 else ""
+                    )
+                    gateway = start_gateway(label, config, workers, tmp)
+                    started.append(gateway)
+                    targets.append(Target(label, gateway))
+            for round_number in range(args.rounds):
+                print(f"round {round_number + 1}/{args.rounds}", file=sys.stderr)
+                for target in targets:
+                    measure(target, body, headers, args)
+            report(targets, features, args)
+        finally:
+            for server in reversed(started):
+                server.stop()
+            if "redis" in locals():
+                redis.kill()
+                redis.wait()
+
+
+if __name__ == "__main__":
+    main()

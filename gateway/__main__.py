@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gateway.cli import serve
+from gateway.cli import keys, policy, serve, soc
 from gateway.config import ConfigError
 
-TOPICS = (serve,)
+TOPICS = (serve, soc, keys, policy)
 
 
 def build_parser() -> argparse.ArgumentParser:

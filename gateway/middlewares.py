@@ -24,10 +24,13 @@ from gateway.errors import (
     PayloadTooLargeError,
     status_of,
 )
+from gateway.exchange import Exchange
 from gateway.log import get_logger
-from gateway.routes import CATALOG, EXCHANGE, REQUEST_ID, request_id_of
+from gateway.routes import CATALOG, EXCHANGE, REQUEST_ID, refused_exchange, request_id_of
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+AUDIT_REFUSED: web.AppKey[Callable[[Exchange], None]] = web.AppKey("audit_refused")
+"""Records the audit event of a request refused before the pipeline (bad JSON, 404, 413...)."""
 log = get_logger("gateway.http")
 
 
@@ -65,16 +68,18 @@ def _observe(request: web.Request, status: int) -> None:
     exchange = request.get(EXCHANGE)
     if exchange is None:
         route = "ops" if request.match_info.route.resource is not None else "unmatched"
-        metrics.REQUESTS.labels(route, "", str(status)).inc()
+        metrics.child(metrics.REQUESTS, route, "", str(status)).inc()
         return
     exchange.timings.finished = time.perf_counter()
     catalog: Catalog = request.app[CATALOG]
-    model = exchange.model if exchange.model in catalog.names() else "other"
+    model = exchange.model if catalog.resolve(exchange.model) is not None else "other"
     if exchange.model is None:
         model = ""
-    metrics.REQUESTS.labels(exchange.endpoint, model, str(exchange.status or status)).inc()
+    status_label = str(exchange.status or status)
+    metrics.child(metrics.REQUESTS, exchange.endpoint, model, status_label).inc()
     if exchange.status < 400:
-        metrics.OVERHEAD_SECONDS.labels(exchange.endpoint).observe(exchange.timings.overhead())
+        overhead = exchange.timings.overhead()
+        metrics.child(metrics.OVERHEAD_SECONDS, exchange.endpoint).observe(overhead)
 
 
 @web.middleware
@@ -89,15 +94,29 @@ async def render_errors(request: web.Request, handler: Handler) -> web.StreamRes
     except Exception:
         request_id = request.get(REQUEST_ID, "unknown")
         log.exception("unhandled_error", path=request.path)
-        return _error_response(
-            InternalError(f"The gateway failed to handle this request (request id {request_id}).")
+        failure = InternalError(
+            f"The gateway failed to handle this request (request id {request_id})."
         )
+        _audit_refused(request, failure)
+        return _error_response(failure)
 
 
 def _rejected(request: web.Request, error: GatewayError) -> web.Response:
     log.info("request_rejected", method=request.method, path=request.path,
              status=status_of(error), code=error.error_code)  # fmt: skip
+    _audit_refused(request, error)
     return _error_response(error)
+
+
+def _audit_refused(request: web.Request, error: GatewayError) -> None:
+    """Audits a request the pipeline never saw; the pipeline's own requests set a status."""
+    record = request.app.get(AUDIT_REFUSED)
+    exchange = refused_exchange(request)
+    if record is None or exchange.status:
+        return
+    exchange.status = status_of(error)
+    exchange.error_code = error.error_code
+    record(exchange)
 
 
 def _translate_http(exc: web.HTTPException) -> GatewayError:

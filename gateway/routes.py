@@ -7,9 +7,9 @@ JSON and SSE replies (with one SSE error event if a stream fails), `/healthz`, `
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -65,8 +65,10 @@ def add_routes(app: web.Application) -> None:
 
 def request_id_of(request: web.Request) -> str:
     """The request's id: the client's `x-request-id` when well formed, else a new one."""
-    given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.match(given) else "req_" + uuid.uuid4().hex
+    given = request.headers.get("x-request-id")
+    if given and _REQUEST_ID.match(given):
+        return given
+    return "req_" + os.urandom(16).hex()  # 32 random hex digits, without building a UUID
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
@@ -125,6 +127,20 @@ def _new_exchange(
     )
     request[EXCHANGE] = exchange
     return exchange
+
+
+def refused_exchange(request: web.Request) -> Exchange:
+    """The request's exchange, or a bare one for a request refused before it had one."""
+    if EXCHANGE in request:
+        return request[EXCHANGE]
+    return Exchange(
+        request_id=request.get(REQUEST_ID, "unknown"),
+        endpoint=PROXY_ENDPOINTS.get(request.path, "other"),
+        method=request.method,
+        path=request.path,
+        headers=request.headers,
+        client_address=_client_address(request),
+    )
 
 
 def _client_address(request: web.Request) -> str:
@@ -204,7 +220,7 @@ async def _write_stream(
             await response.write(event.encode())
             if not exchange.timings.first_written:
                 exchange.timings.first_written = time.perf_counter()
-                metrics.FIRST_CHUNK_SECONDS.labels(exchange.endpoint).observe(
+                metrics.child(metrics.FIRST_CHUNK_SECONDS, exchange.endpoint).observe(
                     exchange.timings.first_written - exchange.timings.started
                 )
     except GatewayError as error:

@@ -30,6 +30,8 @@ class SseEvent:
 
     def encode(self) -> bytes:
         head = f"event: {self.event}\n" if self.event else ""
+        if "\n" not in self.data:  # the usual case: one data line
+            return f"{head}data: {self.data}\n\n".encode()
         body = "".join(f"data: {line}\n" for line in self.data.split("\n"))
         return (head + body + "\n").encode()
 

@@ -8,6 +8,7 @@ gateway errors. Must not look at completions beyond status and framing.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -18,7 +19,7 @@ import aiohttp
 import orjson
 
 from gateway import metrics
-from gateway.config import ProviderSettings, Settings
+from gateway.config import ProviderSettings, Settings, Timeouts
 from gateway.errors import (
     GatewayError,
     NotFoundError,
@@ -57,6 +58,16 @@ class Target:
     settings: ProviderSettings
 
 
+def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
+    """The timeouts aiohttp enforces: connect, and the total deadline, which also covers
+    reading the body or stream. `ceil_threshold=inf` keeps deadlines exact (aiohttp would
+    otherwise round long ones up to the next second)."""
+    return aiohttp.ClientTimeout(
+        total=timeouts.total, connect=timeouts.connect, sock_connect=timeouts.connect,
+        ceil_threshold=math.inf,
+    )  # fmt: skip
+
+
 class UpstreamClient:
     """Sends an exchange to its provider, retrying and falling back before any byte is sent."""
 
@@ -65,6 +76,9 @@ class UpstreamClient:
         self._targets = {
             name: Target(name, resolved.get(name, p.base_url).rstrip("/"), p)
             for name, p in settings.providers.items()
+        }
+        self._timeouts = {
+            name: client_timeout(p.timeouts) for name, p in settings.providers.items()
         }
         self._fallback_models = {m.name: dict(m.fallback_models) for m in settings.models}
         pool = max(p.max_connections for p in settings.providers.values())
@@ -120,34 +134,29 @@ class UpstreamClient:
     async def _send(self, exchange: Exchange, target: Target) -> Reply:
         url, headers, data = self._request_for(exchange, target)
         timeouts = target.settings.timeouts
-        deadline = time.monotonic() + timeouts.total
         exchange.provider = target.name
         exchange.timings.upstream_sent = time.perf_counter()
         try:
+            # The first-byte limit is ours; aiohttp's total deadline runs on to the last byte.
             async with asyncio.timeout(min(timeouts.first_byte, timeouts.total)):
                 response = await self._session.post(
-                    url,
-                    data=data,
-                    headers=headers,
-                    timeout=aiohttp.ClientTimeout(
-                        total=None, connect=timeouts.connect, sock_connect=timeouts.connect
-                    ),
+                    url, data=data, headers=headers, timeout=self._timeouts[target.name]
                 )
         except TimeoutError as exc:
             raise _count(target, "timeout", UpstreamTimeoutError(_timeout_message(target))) from exc
         except aiohttp.ClientError as exc:
             raise _count(target, "connect", UpstreamError(_connect_message(target))) from exc
         exchange.timings.upstream_headers = time.perf_counter()
-        metrics.UPSTREAM_SECONDS.labels(target.name).observe(
+        metrics.child(metrics.UPSTREAM_SECONDS, target.name).observe(
             exchange.timings.upstream_headers - exchange.timings.upstream_sent
         )
         returned = _returned_headers(response.headers)
         if response.status >= 400:
-            body = await _read_all(response, target, deadline)
+            body = await _read_all(response, target)
             raise _count(target, "status", _status_error(response, body, returned))
         if exchange.is_stream and response.content_type == "text/event-stream":
-            return _stream_reply(response, returned, target, deadline, exchange)
-        raw = await _read_all(response, target, deadline)
+            return _stream_reply(response, returned, target, exchange)
+        raw = await _read_all(response, target)
         exchange.timings.upstream_done = time.perf_counter()
         return JsonReply(response.status, returned, raw)
 
@@ -208,10 +217,10 @@ def _returned_headers(upstream: Mapping[str, str]) -> dict[str, str]:
     }  # fmt: skip
 
 
-async def _read_all(response: aiohttp.ClientResponse, target: Target, deadline: float) -> bytes:
+async def _read_all(response: aiohttp.ClientResponse, target: Target) -> bytes:
+    """The whole body, within the request's total deadline (enforced by aiohttp)."""
     try:
-        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-            return await response.read()
+        return await response.read()
     except TimeoutError as exc:
         raise _count(target, "timeout", UpstreamTimeoutError(_timeout_message(target))) from exc
     except aiohttp.ClientError as exc:
@@ -224,26 +233,26 @@ def _stream_reply(
     response: aiohttp.ClientResponse,
     headers: dict[str, str],
     target: Target,
-    deadline: float,
     exchange: Exchange,
 ) -> StreamReply:
     async def close() -> None:
         response.close()
 
-    events = _read_events(response, target, deadline, exchange)
+    events = _read_events(response, target, exchange)
     return StreamReply(response.status, headers, events, close)
 
 
 async def _read_events(
-    response: aiohttp.ClientResponse, target: Target, deadline: float, exchange: Exchange
+    response: aiohttp.ClientResponse, target: Target, exchange: Exchange
 ) -> AsyncIterator[SseEvent]:
-    """Yields events as they arrive; an idle gap or the total deadline ends it with 504."""
+    """Yields events as they arrive; an idle gap or the total deadline (aiohttp's) ends it
+    with 504."""
     parser = SseParser()
     idle = target.settings.timeouts.idle
     timings = exchange.timings
     while True:
         try:
-            async with asyncio.timeout(min(idle, max(0.0, deadline - time.monotonic()))):
+            async with asyncio.timeout(idle):
                 chunk = await response.content.readany()
         except TimeoutError as exc:
             raise _count(target, "timeout", UpstreamTimeoutError(_idle_message(target))) from exc

@@ -1,10 +1,11 @@
 """The Presidio engine: finds personal data and secrets in text, off the event loop.
 
 Owns the only imports of Presidio and spaCy, the pool of worker processes that run them (one
-analyzer each, sized to the cores, behind a bounded queue), the keyed cache of analysis
-results per text, the rules applied to raw findings (thresholds, allow- and deny-lists,
-overlaps) and the keyed hash. Must not change request bodies (the `RedactPrompt` stage does),
-download models or reach the network, or log text.
+analyzer each, sized to the cores, behind a bounded queue), the sharing of one request's work
+between idle workers, the keyed cache of analysis results per text, the rules applied to raw
+findings (thresholds, allow- and deny-lists, overlaps) and the keyed hash. Must not change
+request bodies (the `RedactPrompt` stage does), download models or reach the network, or log
+text.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import functools
 import hashlib
 import hmac
 import importlib.util
+import itertools
 import multiprocessing
 import os
 import re
@@ -153,25 +155,37 @@ class Redactor:
             raise ServiceUnavailableError(
                 "The redactor is overloaded. Try again shortly.", headers={"Retry-After": "1"}
             )
+        # Idle workers share one request's work (latency is the slowest share, not the sum);
+        # under load each request stays one task, so splitting never costs throughput.
+        idle = self.workers - self._pending
+        pieces = plan_pieces(texts, entities, idle)
+        tasks = spread(pieces, idle)
+        futures = [self._submit(pool, [piece.job(texts) for piece in task]) for task in tasks]
+        done = await self._wait(futures, pool)
+        return join_pieces(texts, [p for task in tasks for p in task], [r for d in done for r in d])
+
+    def _submit(
+        self, pool: concurrent.futures.ProcessPoolExecutor, jobs: list[Job]
+    ) -> concurrent.futures.Future[list[tuple[RawFinding, ...]]]:
         try:
-            future = pool.submit(analyze_in_worker, texts, entities)
+            future = pool.submit(analyze_in_worker, jobs)
         except BrokenProcessPool as exc:
             raise self._broken(pool) from exc
         self._pending += 1
         future.add_done_callback(self._finished)
-        return await self._wait(future, pool)
+        return future
 
     def _finished(self, _: concurrent.futures.Future[Any]) -> None:
         self._pending -= 1
 
     async def _wait(
         self,
-        future: concurrent.futures.Future[list[tuple[RawFinding, ...]]],
+        futures: list[concurrent.futures.Future[list[tuple[RawFinding, ...]]]],
         pool: concurrent.futures.ProcessPoolExecutor,
-    ) -> list[tuple[RawFinding, ...]]:
+    ) -> list[list[tuple[RawFinding, ...]]]:
         try:
             async with asyncio.timeout(self.settings.timeout):
-                return await asyncio.wrap_future(future)
+                return await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         except TimeoutError as exc:
             metrics.REDACTION_REJECTED.labels("timeout").inc()
             raise ServiceUnavailableError(
@@ -201,6 +215,112 @@ class Redactor:
             initializer=init_worker,
             initargs=(self.settings.spacy_model, self.settings.phone_regions),
         )
+
+
+# --- sharing one request between workers -----------------------------------------------------
+
+Job = tuple[str, tuple[str, ...]]
+"""One analysis in a worker: a text (or a piece of one) and the entity types to look for."""
+MIN_PIECE = 320
+"""Characters of NER a piece must have for splitting to save more than it costs."""
+OVERLAP = 64
+"""Characters each NER piece also reads past its cuts, so NER sees a name at a cut whole."""
+PATTERN_COST = 0.1
+"""Cost of the pattern recognizers per character, relative to NER."""
+_SENTENCE_END = re.compile(r"[.!?:;\n]\s+")
+_SPACE = re.compile(r"\s+")
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """`text[start:end]` of text `index`, keeping findings that begin in `[own, own_end)`."""
+
+    index: int
+    start: int
+    end: int
+    own: int
+    own_end: int
+    entities: tuple[str, ...]
+
+    def job(self, texts: Sequence[str]) -> Job:
+        return texts[self.index][self.start : self.end], self.entities
+
+    @property
+    def cost(self) -> float:
+        ner = any(e in NER_ENTITIES for e in self.entities)
+        return (self.end - self.start) * (1.0 if ner else PATTERN_COST)
+
+
+def plan_pieces(texts: Sequence[str], entities: tuple[str, ...], parts: int) -> list[Piece]:
+    """Whole texts for one worker; for more, patterns on whole texts and NER on pieces.
+
+    Patterns always see the whole text (a PEM block may be longer than any overlap); NER
+    pieces are cut at sentence ends or spaces and overlap, and each keeps only the findings
+    that begin between its cuts, so every finding is reported once.
+    """
+    ner = tuple(e for e in entities if e in NER_ENTITIES)
+    if parts < 2 or not ner:
+        return [Piece(i, 0, len(t), 0, len(t), entities) for i, t in enumerate(texts)]
+    others = tuple(e for e in entities if e not in NER_ENTITIES)
+    pieces = [Piece(i, 0, len(t), 0, len(t), others) for i, t in enumerate(texts) if others]
+    for i, text in enumerate(texts):
+        cuts = cut_points(text, min(parts, len(text) // MIN_PIECE))
+        for own, own_end in itertools.pairwise(cuts):
+            start = _space_before(text, own - OVERLAP) if own else 0
+            end = _space_after(text, own_end + OVERLAP) if own_end < len(text) else own_end
+            pieces.append(Piece(i, start, end, own, own_end, ner))
+    return pieces
+
+
+def cut_points(text: str, parts: int) -> list[int]:
+    """0, the starts of `parts` - 1 roughly equal pieces (at sentence ends or spaces), len."""
+    cuts = [0]
+    for k in range(1, max(parts, 1)):
+        at = _boundary(text, len(text) * k // parts)
+        if cuts[-1] < at < len(text):
+            cuts.append(at)
+    return [*cuts, len(text)]
+
+
+def _boundary(text: str, at: int) -> int:
+    for pattern in (_SENTENCE_END, _SPACE):
+        ends = [m.end() for m in pattern.finditer(text, max(0, at - 120), at + 120)]
+        if ends:
+            return min(ends, key=lambda end: abs(end - at))
+    return at
+
+
+def _space_before(text: str, at: int) -> int:
+    space = max(text.rfind(" ", 0, max(at, 0)), text.rfind("\n", 0, max(at, 0)))
+    return space + 1 if space >= 0 else 0
+
+
+def _space_after(text: str, at: int) -> int:
+    found = _SPACE.search(text, min(at, len(text)))
+    return found.start() if found else len(text)
+
+
+def spread(pieces: list[Piece], parts: int) -> list[list[Piece]]:
+    """At most `parts` tasks of about equal cost (largest pieces first, to the lightest task)."""
+    tasks: list[list[Piece]] = [[] for _ in range(max(parts, 1))]
+    load = [0.0] * len(tasks)
+    for piece in sorted(pieces, key=lambda p: -p.cost):
+        lightest = load.index(min(load))
+        tasks[lightest].append(piece)
+        load[lightest] += piece.cost
+    return [task for task in tasks if task]
+
+
+def join_pieces(
+    texts: Sequence[str], pieces: Sequence[Piece], found: Sequence[tuple[RawFinding, ...]]
+) -> list[tuple[RawFinding, ...]]:
+    """Raw findings per text, in its coordinates, from the findings per piece."""
+    joined: list[list[RawFinding]] = [[] for _ in texts]
+    for piece, findings in zip(pieces, found, strict=True):
+        for start, end, entity, score in findings:
+            if piece.own <= start + piece.start < piece.own_end:
+                joined[piece.index].append((start + piece.start, end + piece.start, entity, score))
+    return [tuple(findings) for findings in joined]
 
 
 def check_model_installed(model: str) -> None:
@@ -265,16 +385,16 @@ def init_worker(model: str, phone_regions: Sequence[str] = ("US",)) -> None:
 
 
 def _warm() -> int:
-    analyze_in_worker(["Warm up for Jane Doe in Paris."], NER_ENTITIES)
+    analyze_in_worker([("Warm up for Jane Doe in Paris.", NER_ENTITIES)])
     return os.getpid()
 
 
-def analyze_in_worker(texts: list[str], entities: Sequence[str]) -> list[tuple[RawFinding, ...]]:
-    """Runs in a worker: raw findings (start, end, entity, score) per text."""
+def analyze_in_worker(jobs: list[Job]) -> list[tuple[RawFinding, ...]]:
+    """Runs in a worker: raw findings (start, end, entity, score) per job."""
     analyzer = _ANALYZER
-    analyzer.nlp_engine.ner_enabled = any(e in NER_ENTITIES for e in entities)
     results = []
-    for text in texts:
+    for text, entities in jobs:
+        analyzer.nlp_engine.ner_enabled = any(e in NER_ENTITIES for e in entities)
         found = analyzer.analyze(text, language="en", entities=list(entities), score_threshold=0.0)
         results.append(tuple(
             (r.start, r.end, r.entity_type, float(r.score)) for r in found
@@ -307,7 +427,11 @@ def build_analyzer(model: str, phone_regions: Sequence[str] = ("US",)) -> Any:
 
 
 def _nlp_engine_class() -> Any:
-    from presidio_analyzer.nlp_engine import NerModelConfiguration, SpacyNlpEngine
+    from presidio_analyzer.nlp_engine import (
+        NerModelConfiguration,
+        NlpArtifacts,
+        SpacyNlpEngine,
+    )
 
     class FocusedSpacyEngine(SpacyNlpEngine):
         """spaCy with only NER (and what it listens to); lemmas fall back to lower case."""
@@ -336,10 +460,15 @@ def _nlp_engine_class() -> Any:
             return self._doc_to_nlp_artifact(doc, language)
 
         def _doc_to_nlp_artifact(self, doc: Any, language: str) -> Any:
-            artifacts = super()._doc_to_nlp_artifact(doc, language)
-            artifacts.lemmas = [t.lemma_ or t.lower_ for t in doc]
-            artifacts.keywords = artifacts.set_keywords(self, artifacts.lemmas, language)
-            return artifacts
+            # One pass over the tokens (the base class makes lemmas and keywords twice).
+            entities, scores = self._get_updated_entities(
+                doc.ents, self._get_scores_for_entities(doc)
+            )
+            return NlpArtifacts(
+                entities=entities, tokens=doc, tokens_indices=[t.idx for t in doc],
+                lemmas=[t.lemma_ or t.lower_ for t in doc], nlp_engine=self,
+                language=language, scores=scores,
+            )  # fmt: skip
 
     return FocusedSpacyEngine
 

@@ -1,25 +1,31 @@
-"""The policy set: loading a directory of policy files, compiling their rules, and scanning text.
+"""The policy set: compiling the rules of a policy directory, and scanning text with them.
 
-Owns reading and validating `policies/*.yaml` (errors name file:line, policy, rule and field),
-compiling every text rule at load into one pass per direction, the policy-set hash, choosing
-the policies that apply to a request, and finding matches in prompts and completions. Must not
-edit OpenAI payloads (the `EnforcePolicy` stage does) nor import the redaction engine: entity
-rules ask an `EntityFinder`.
+Owns loading a directory into a `PolicySet` (reading and validating the files is
+`gateway.policy_loader`'s), compiling every text rule at load into one pass per direction,
+choosing the policies that apply to a request, and finding matches in prompts and completions,
+with how far a streamed text is safe to release. Must not edit OpenAI payloads (the
+`EnforcePolicy` stage does) nor import the redaction engine: entity rules ask an `EntityFinder`.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-import yaml
-from pydantic import ValidationError
-
 from gateway.exchange import PolicyDecision, Principal
+
+# Loading lives in policy_loader; its names are re-exported for the callers of this module.
+from gateway.policy_loader import PolicyError as PolicyError
+from gateway.policy_loader import Problem
+from gateway.policy_loader import check_files as check_files
+from gateway.policy_loader import line_of as line_of
+from gateway.policy_loader import parse_policy as parse_policy
+from gateway.policy_loader import policy_files as policy_files
+from gateway.policy_loader import policy_set_hash as policy_set_hash
+from gateway.policy_loader import read_directory as read_directory
 from gateway.policy_schema import (
     CanaryRule,
     EntitiesRule,
@@ -36,10 +42,11 @@ from gateway.scanner import (
     RuleKey,
     TextPattern,
     TextScanner,
-    check_pattern,
     compile_injection,
     injection_score,
+    pattern_opening,
     pattern_width,
+    words_opening,
     words_pattern,
     words_width,
 )
@@ -47,35 +54,7 @@ from gateway.stream_matcher import Effect, Release, Scanned, settle
 
 TextDirection = Literal["prompt", "completion"]
 DIRECTIONS: tuple[TextDirection, ...] = ("prompt", "completion")
-SUFFIXES = (".yaml", ".yml")
 _SELECTIONS = 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    """One reason a policy file cannot be used."""
-
-    file: str
-    line: int
-    message: str
-    policy: str | None = None
-    rule: str | None = None
-    field: str | None = None
-
-    def __str__(self) -> str:
-        where = [f"policy {self.policy}" if self.policy else "",
-                 f"rule {self.rule}" if self.rule else "",
-                 f"field {self.field}" if self.field else ""]  # fmt: skip
-        named = ", ".join(w for w in where if w)
-        return f"{self.file}:{self.line}: " + (f"{named}: " if named else "") + self.message
-
-
-class PolicyError(Exception):
-    """The policy directory cannot be used; `problems` says where and why."""
-
-    def __init__(self, problems: Sequence[Problem]) -> None:
-        super().__init__("; ".join(str(p) for p in problems))
-        self.problems = list(problems)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,124 +104,6 @@ class Finding:
         )  # fmt: skip
 
 
-# --- loading -------------------------------------------------------------------------------
-
-
-def policy_files(directory: Path) -> list[Path]:
-    """The policy files of `directory`, sorted; hidden entries (ConfigMap `..data`) skipped."""
-    return sorted(
-        p for p in directory.iterdir()
-        if p.suffix in SUFFIXES and not p.name.startswith(".") and p.is_file()
-    )  # fmt: skip
-
-
-def read_directory(directory: Path) -> list[tuple[str, str]]:
-    """(file name, text) of each policy file; raises PolicyError if the directory is unusable."""
-    if not directory.is_dir():
-        raise PolicyError([Problem(str(directory), 0, "is not a directory")])
-    return [(str(path), path.read_text(encoding="utf-8")) for path in policy_files(directory)]
-
-
-def parse_policy(name: str, text: str) -> tuple[Policy | None, list[Problem]]:
-    """Validates one file's text, with line numbers for every problem."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else 1
-        return None, [Problem(name, line, f"not valid YAML: {getattr(exc, 'problem', exc)}")]
-    if not isinstance(data, dict) or node is None:
-        return None, [Problem(name, 1, "a policy file must be a mapping")]
-    try:
-        policy = Policy.model_validate(data)
-    except ValidationError as exc:
-        return None, [_problem(name, node, data, error) for error in exc.errors()]
-    return policy, _pattern_problems(name, node, policy)
-
-
-def _problem(name: str, node: yaml.Node, data: dict[str, Any], error: Any) -> Problem:
-    loc = tuple(error["loc"])
-    if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
-        loc += ("kind",)
-    rule = None
-    if len(loc) > 1 and loc[0] == "rules" and isinstance(loc[1], int):
-        rules = data.get("rules")
-        if isinstance(rules, list) and loc[1] < len(rules) and isinstance(rules[loc[1]], dict):
-            rule = str(rules[loc[1]].get("id") or f"#{loc[1] + 1}")
-    if rule is not None and len(loc) > 2 and loc[2] in _KINDS:
-        loc = loc[:2] + loc[3:]  # the union's tag is not a key of the file
-    inner = loc[2:] if rule is not None else loc
-    fields = [str(p) for p in inner if isinstance(p, str) and p not in _KINDS]
-    policy = data.get("id") if isinstance(data.get("id"), str) else None
-    return Problem(name, line_of(node, loc), error["msg"], policy, rule,
-                   ".".join(fields) or None)  # fmt: skip
-
-
-_KINDS = {"regex", "words", "entities", "max_length", "injection", "canary", "request"}
-
-
-def line_of(node: yaml.Node, loc: Sequence[Any]) -> int:
-    """The line of the deepest YAML node along `loc` (keys absent from the file are skipped)."""
-    line = node.start_mark.line + 1
-    for part in loc:
-        child = _child(node, part)
-        if child is None:
-            continue
-        key_line, node = child
-        line = key_line
-    return line
-
-
-def _child(node: yaml.Node, part: Any) -> tuple[int, yaml.Node] | None:
-    if isinstance(node, yaml.MappingNode) and isinstance(part, str):
-        for key, value in node.value:
-            if key.value == part:
-                return key.start_mark.line + 1, value
-    if isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-        item = node.value[part]
-        return item.start_mark.line + 1, item
-    return None
-
-
-def _pattern_problems(name: str, node: yaml.Node, policy: Policy) -> list[Problem]:
-    problems = []
-    for index, rule in enumerate(policy.rules):
-        if isinstance(rule, RegexRule):
-            reason = check_pattern(rule.pattern)
-            if reason:
-                line = line_of(node, ("rules", index, "pattern"))
-                problems.append(Problem(name, line, f"RE2 cannot run this pattern: {reason}",
-                                        policy.id, rule.id, "pattern"))  # fmt: skip
-    return problems
-
-
-def check_files(files: Sequence[tuple[str, str]]) -> tuple[list[Policy], list[Problem]]:
-    """Validates every file and the set as a whole (duplicate policy ids)."""
-    policies: list[Policy] = []
-    problems: list[Problem] = []
-    seen: dict[str, str] = {}
-    for name, text in files:
-        policy, found = parse_policy(name, text)
-        problems.extend(found)
-        if policy is None or found:
-            continue
-        if policy.id in seen:
-            message = f"duplicate policy id (also in {seen[policy.id]})"
-            problems.append(Problem(name, _id_line(text), message, policy.id, field="id"))
-            continue
-        seen[policy.id] = name
-        policies.append(policy)
-    return policies, problems
-
-
-def _id_line(text: str) -> int:
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.startswith("id:"):
-            return number
-    return 1
-
-
 def load_policies(
     directory: Path, *, hold_cap: int = 256, entities_available: bool = True
 ) -> PolicySet:
@@ -265,14 +126,6 @@ def _entity_problems(policies: Sequence[Policy]) -> list[Problem]:
                 "(set redaction.enabled: true)", p.id, rule.id, "entities")
         for p in policies for rule in p.rules if isinstance(rule, EntitiesRule)
     ]  # fmt: skip
-
-
-def policy_set_hash(files: Iterable[tuple[str, str]]) -> str:
-    """sha256 over every file's base name and content: any edit changes it."""
-    digest = hashlib.sha256()
-    for name, text in sorted((Path(n).name, t) for n, t in files):
-        digest.update(name.encode() + b"\0" + text.encode() + b"\0")
-    return "sha256:" + digest.hexdigest()[:16]
 
 
 # --- the compiled set ----------------------------------------------------------------------
@@ -378,29 +231,41 @@ class PolicySet:
 
     async def scan(
         self, selection: Selection, text: str, direction: TextDirection, *,
-        canary: str | None = None, finder: EntityFinder | None = None,
+        canary: str | None = None, finder: EntityFinder | None = None, fresh: int | None = 0,
     ) -> Scanned[Finding]:  # fmt: skip
-        """Every match of the selected rules in `text`, and how far the text is safe."""
-        scanned = self._scanners[direction].scan(text)
-        size = len(scanned.normalised.text)
+        """Every match of the selected rules in `text`, and how far the text is safe.
+
+        A stream passes the text it released last as context before `fresh`, the start of the
+        text not released yet: text rules search from there, and hold back only from the first
+        position where one of their matches could still be starting (`fresh=None`: whole text).
+        """
+        scanner = self._scanners[direction]
+        scanned = scanner.scan(text, fresh or 0)
+        whole = fresh is None  # nothing follows: every match is final
+        opening = len(scanned.normalised.text) if whole else scanner.opening(scanned, selection.ids)
         findings = [
-            Finding(policy, rule, hit.start, hit.end, hit.reach <= size)
+            Finding(policy, rule, hit.start, hit.end, hit.whole < opening)
             for hit in scanned.hits if hit.key[0] in selection.ids
             for policy, rule in [self._rules[hit.key]]
         ]  # fmt: skip
-        safe = scanned.normalised.index(size - selection.hold(direction) + 1)
+        safe = scanned.normalised.index(opening)  # text rules hold back only where one may start
+        holds = [r.max_match_chars for _, r in self._entity_rules(selection, direction)]
+        safe = min(safe, len(text) - max(holds) + 1) if holds else safe  # entities: full width
         findings += await self._entities(selection, text, direction, finder)
         if direction == "prompt":
             findings += self._injections(selection, text)
         elif canary:
             findings += self._canary(selection, text, canary)
-            safe = min(safe, len(text) - len(canary) + 1)
+            safe = min(safe, _canary_opening(text, canary))
         return Scanned(findings, max(0, safe))
+
+    def _entity_rules(self, selection: Selection, direction: str) -> list[tuple[Policy, Any]]:
+        return [(p, r) for p, r in self.rules_of(selection, EntitiesRule) if _covers(r, direction)]
 
     async def _entities(
         self, selection: Selection, text: str, direction: str, finder: EntityFinder | None
     ) -> list[Finding]:
-        rules = [(p, r) for p, r in self.rules_of(selection, EntitiesRule) if _covers(r, direction)]
+        rules = self._entity_rules(selection, direction)
         if not rules or not text:
             return []
         if finder is None:
@@ -445,7 +310,8 @@ class PolicySet:
         canary: str | None = None, finder: EntityFinder | None = None,
     ) -> Release[Finding]:  # fmt: skip
         """A whole text: redactions applied, the matches that count, and the block if any."""
-        scanned = await self.scan(selection, text, direction, canary=canary, finder=finder)
+        scanned = await self.scan(selection, text, direction, canary=canary, finder=finder,
+                                  fresh=None)  # fmt: skip
         findings = list(scanned.matches)
         if direction == "completion":
             findings += self.length_findings(selection, len(text))
@@ -453,6 +319,14 @@ class PolicySet:
 
     def request_rules(self, selection: Selection) -> list[tuple[Policy, RequestRule]]:
         return self.rules_of(selection, RequestRule)
+
+
+def _canary_opening(text: str, canary: str) -> int:
+    """The first position from which `text` ends with the start of the canary (len if none)."""
+    for position in range(max(0, len(text) - len(canary) + 1), len(text)):
+        if canary.startswith(text[position:]):
+            return position
+    return len(text)
 
 
 def _covers(rule: Any, direction: str) -> bool:
@@ -464,9 +338,12 @@ def _text_pattern(key: RuleKey, rule: RegexRule | WordsRule, hold_cap: int) -> T
         pattern = words_pattern(rule.words, case_sensitive=rule.case_sensitive,
                                 whole_words=rule.whole_words)  # fmt: skip
         width = words_width(rule.words, whole_words=rule.whole_words)
-        return TextPattern(key, pattern, width, 1 if rule.whole_words else 0)
+        opening = words_opening(rule.words, case_sensitive=rule.case_sensitive,
+                                whole_words=rule.whole_words)  # fmt: skip
+        return TextPattern(key, pattern, width, 1 if rule.whole_words else 0, opening)
     width = rule.max_match_chars or pattern_width(rule.pattern) or hold_cap
-    return TextPattern(key, rule.pattern, min(width, max(hold_cap, rule.max_match_chars or 0)))
+    width = min(width, max(hold_cap, rule.max_match_chars or 0))
+    return TextPattern(key, rule.pattern, width, opening=pattern_opening(rule.pattern))
 
 
 def _signals(rule: InjectionRule) -> InjectionSignals:

@@ -2,13 +2,15 @@
 
 Owns turning regex and word rules into one `re2.Set` pass (plus a per-rule search only for the
 rules that hit), mapping matches back to the caller's text, the longest possible match of each
-rule, and prompt-injection scoring. Must not know policies' scope, modes or the request path.
+rule, where near the end of a text a match could still be starting (so a stream holds back only
+that), and prompt-injection scoring. Must not know policies' scope, modes or the request path.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -18,6 +20,8 @@ from typing import Any
 
 import re2
 
+from gateway.regex_prefixes import NEVER, Piece, chain, literal, prefixes_pattern
+
 RuleKey = tuple[str, str]
 """(policy id, rule id)."""
 
@@ -25,6 +29,7 @@ _WORD_CHAR = r"\pL\pN_"
 _SPACE = r"\s{1,8}"
 _UNBOUNDED = 65536
 _MAX_MEM = 128 << 20
+_OPENINGS = 256
 _HIDDEN = re2.compile(r"[\x{200B}-\x{200F}\x{2060}-\x{2064}\x{FEFF}\x{E0000}-\x{E007F}]")
 _TAGS = re2.compile(r"[\x{E0020}-\x{E007E}]+")
 _BASE64 = re2.compile(r"[A-Za-z0-9+/]{16,}={0,2}")
@@ -92,6 +97,12 @@ class Normalised:
             return self.original_length
         return self.origin[max(0, position)]
 
+    def position(self, index: int) -> int:
+        """The folded position of the original text's character `index`."""
+        if self.origin is None:
+            return min(index, len(self.text))
+        return bisect.bisect_left(self.origin, index)
+
 
 def normalise(text: str) -> Normalised:
     """`text` as rules see it: NFKD-folded, without accents, zero-width or tag characters."""
@@ -117,7 +128,9 @@ def words_pattern(words: Sequence[str], *, case_sensitive: bool, whole_words: bo
 
 
 def words_width(words: Sequence[str], *, whole_words: bool) -> int:
-    longest = max((len(fold(w).strip()) + 7 * fold(w).count(" ") for w in words), default=1)
+    """The longest whole match of a word list (each gap between words may be 8 spaces)."""
+    parts = [fold(w).split() for w in words]
+    longest = max((sum(map(len, p)) + 8 * (len(p) - 1) for p in parts if p), default=1)
     return longest + (2 if whole_words else 0)
 
 
@@ -133,22 +146,26 @@ class TextPattern:
     pattern: str
     width: int
     group: int = 0
+    opening: str | None = None  # every prefix of a match (see `pattern_opening`); None: unknown
 
 
 @dataclass(frozen=True, slots=True)
 class Hit:
-    """A match in original-text coordinates; `reach` is where, in folded text, it may end."""
+    """A match in original-text coordinates; `whole` is where, in folded text, it starts."""
 
     key: RuleKey
     start: int
     end: int
-    reach: int
+    whole: int
 
 
 @dataclass(frozen=True, slots=True)
 class Scan:
+    """The hits in a text; `fresh` is where, in folded text, its not yet released part starts."""
+
     hits: tuple[Hit, ...]
     normalised: Normalised
+    fresh: int = 0
 
 
 class TextScanner:
@@ -162,22 +179,39 @@ class TextScanner:
         for item in self._patterns:
             self._set.Add(item.pattern)
         self._set.Compile()
+        self._openings: dict[frozenset[str], Openings] = {}
 
     def __len__(self) -> int:
         return len(self._patterns)
 
-    def scan(self, text: str) -> Scan:
+    def scan(self, text: str, fresh: int = 0) -> Scan:
+        """Matches from `fresh` on; the text before it is context (a word boundary's neighbour).
+
+        Each rule's matches are searched left to right from `fresh`, as they were from the
+        start of the whole text, so a match in the context cannot hide one that follows it.
+        """
         folded = normalise(text)
+        start = folded.position(fresh)
         hits: list[Hit] = []
         if not self._patterns:
-            return Scan((), folded)
+            return Scan((), folded, start)
         for index in self._set.Match(folded.text) or ():
-            hits.extend(self._hits(index, folded))
-        return Scan(tuple(hits), folded)
+            hits.extend(self._hits(index, folded, start))
+        return Scan(tuple(hits), folded, start)
 
-    def _hits(self, index: int, folded: Normalised) -> Iterable[Hit]:
+    def opening(self, scanned: Scan, policy_ids: frozenset[str]) -> int:
+        """Where, in folded text, a match of these policies' patterns could still be starting."""
+        openings = self._openings.get(policy_ids)
+        if openings is None:
+            if len(self._openings) >= _OPENINGS:
+                self._openings.clear()
+            chosen = [p for p in self._patterns if p.key[0] in policy_ids]
+            openings = self._openings[policy_ids] = Openings(chosen)
+        return openings.first(scanned.normalised.text, scanned.fresh)
+
+    def _hits(self, index: int, folded: Normalised, start: int) -> Iterable[Hit]:
         item, regex = self._patterns[index], self._compiled[index]
-        position = 0
+        position = max(0, start - item.group)  # a whole word's match begins at its separator
         while position <= len(folded.text):
             found = regex.search(folded.text, position)
             if found is None:
@@ -185,8 +219,87 @@ class TextScanner:
             start, end = found.span(item.group)
             whole_start, whole_end = found.span()
             begin, finish = folded.span(start, end)
-            yield Hit(item.key, begin, finish, whole_start + item.width)
+            yield Hit(item.key, begin, finish, whole_start)
             position = max(end, whole_start + 1) if item.group else max(whole_end, start + 1)
+
+
+# --- where a match could still be starting -------------------------------------------------
+#
+# A stream may release text up to the first position from which the text so far is the start
+# of some match. An opening is a pattern for every prefix of a rule's matches; anchored at the
+# end of the text, the leftmost match of all openings together is that first position, found
+# in one RE2 pass.
+
+
+def pattern_opening(pattern: str) -> str | None:
+    """Every non-empty prefix of a match of `pattern`, as RE2 pattern; None when unknown."""
+    opening = prefixes_pattern(pattern)
+    if opening is None or check_pattern(opening + r"\z") is not None:
+        return None
+    return opening
+
+
+def words_opening(words: Sequence[str], *, case_sensitive: bool, whole_words: bool) -> str:
+    """`pattern_opening` of `words_pattern(words, ...)`, built from the words themselves."""
+    phrases = []
+    for word in sorted({fold(w) for w in words if fold(w).strip()}):
+        pieces: list[Piece] = []
+        for index, part in enumerate(word.split()):
+            pieces += [(_SPACE, _SPACE)] if index else []
+            pieces += [(literal(ord(c)), literal(ord(c))) for c in part]
+        phrases.append(chain(pieces))
+    body = ("(?:" + "|".join(e for e, _ in phrases) + ")",
+            "(?:" + "|".join(p or NEVER for _, p in phrases) + ")")  # fmt: skip
+    edge = f"[^{_WORD_CHAR}]"
+    opening = body[1]
+    if whole_words:  # the separator alone need not wait: a rescan sees it as context
+        opening = f"(?:^|{edge})" + (chain([body, (f"(?:{edge}|$)", edge)])[1] or NEVER)
+    return opening if case_sensitive else f"(?i:{opening})"
+
+
+class Openings:
+    """Where, near the end of a folded text, a match of some pattern could still be starting.
+
+    One RE2 set pass over the tail says which patterns have a match that may have begun in it;
+    only those search for where. Looks back only as far as each pattern's width; a pattern
+    without an opening falls back to it (a match could start at any of the last `width`).
+    """
+
+    def __init__(self, patterns: Sequence[TextPattern]) -> None:
+        known = [p for p in patterns if p.opening is not None]
+        self._blind = max((p.width for p in patterns if p.opening is None), default=0)
+        self._reach = max((p.width for p in known), default=0)
+        options = re2_options()
+        self._regexes = tuple(re2.compile(f"(?:{p.opening})\\z", options) for p in known)
+        self._widths = tuple(p.width for p in known)
+        self._set = re2.Set.SearchSet(options)
+        for regex in self._regexes:
+            self._set.Add(regex.pattern)
+        self._set.Compile()
+
+    def first(self, text: str, fresh: int = 0) -> int:
+        """The first position from which `text` could be the start of a match (len if none).
+
+        Positions before `fresh` - 1 were released already, so no match can start there (the
+        one before `fresh` may be the separator a whole word's match starts with).
+        """
+        size = len(text)
+        # A match of the longest width ending exactly at the end may still fail its trailing
+        # assertion, so the window is width positions, not width - 1.
+        first = size - self._blind if self._blind else size
+        begin = max(0, size - self._reach, fresh - 1)
+        if not self._regexes or begin >= first:
+            return max(0, first)
+        context = 1 if begin else 0  # the character a word boundary at `begin` looks at
+        tail = text[begin - context :]
+        for index in self._set.Match(tail) or ():
+            since = max(0, size - self._widths[index] - begin) + context
+            if begin - context + since >= first:
+                continue  # this pattern cannot start a match earlier than one found already
+            found = self._regexes[index].search(tail, since)
+            if found is not None:
+                first = min(first, begin - context + found.start())
+        return max(0, first)
 
 
 @dataclass(frozen=True, slots=True)

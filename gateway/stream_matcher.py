@@ -72,12 +72,19 @@ def settle(
             cut, release.blocked = match.start, match
             break
         if match.end > cut:
-            cut = match.start
+            cut = _before(taken, match.start)
             break
         taken.append(match)
     release.matches = [m for m in taken if m.start < cut]
     release.text = _redact(text[:cut], [m for m in release.matches if m.effect == "redact"])
     return cut, release
+
+
+def _before(taken: Sequence[Match], cut: int) -> int:
+    """`cut`, moved back before any taken match it would split (overlapping matches)."""
+    while inside := [m.start for m in taken if m.start < cut < m.end]:
+        cut = min(inside)
+    return cut
 
 
 def _redact(text: str, matches: Sequence[Match]) -> str:
@@ -96,7 +103,8 @@ def _redact(text: str, matches: Sequence[Match]) -> str:
     return "".join(pieces)
 
 
-Scan = Callable[[str], Awaitable[Scanned[M]]]
+Scan = Callable[[str, int], Awaitable[Scanned[M]]]
+"""scan(text, fresh): matches and safe end of `text`, whose part before `fresh` was released."""
 
 
 class StreamMatcher(Generic[M]):
@@ -130,7 +138,7 @@ class StreamMatcher(Generic[M]):
 
     async def _release(self, *, final: bool) -> Release[M]:
         offset = len(self._context)
-        scanned = await self._scan(self._context + self._pending)
+        scanned = await self._scan(self._context + self._pending, offset)
         matches = [_Shifted(m, offset) for m in scanned.matches if m.start >= offset]
         consumed, shifted = settle(self._pending, matches, scanned.safe_end - offset, final=final)
         release: Release[M] = Release(shifted.text, [m.inner for m in shifted.matches])

@@ -111,11 +111,11 @@ class EnforcePolicy(Stage):
 
     async def scan(
         self, exchange: Exchange, policies: PolicySet, selection: Selection, text: str,
-        direction: TextDirection,
+        direction: TextDirection, *, fresh: int = 0,
     ) -> Scanned[Finding]:  # fmt: skip
         with metrics.POLICY_SCAN_SECONDS.labels(direction).time():
             return await policies.scan(selection, text, direction, canary=exchange.canary,
-                                       finder=self._finder)  # fmt: skip
+                                       finder=self._finder, fresh=fresh)  # fmt: skip
 
     async def check_completion(
         self, exchange: Exchange, policies: PolicySet, selection: Selection, text: str
@@ -210,9 +210,9 @@ class _StreamJudge:
         self._stage, self._exchange = stage, exchange
         self._policies, self._selection = policies, selection
 
-    async def scan(self, text: str) -> Scanned[Finding]:
+    async def scan(self, text: str, fresh: int) -> Scanned[Finding]:
         return await self._stage.scan(self._exchange, self._policies, self._selection, text,
-                                      "completion")  # fmt: skip
+                                      "completion", fresh=fresh)  # fmt: skip
 
     def record(self, findings: Sequence[Finding]) -> None:
         self._stage.record(self._exchange, self._policies, findings, "completion")

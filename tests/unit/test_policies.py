@@ -25,6 +25,7 @@ from gateway.policies import (
 from gateway.policy_store import PolicyStore
 from gateway.redaction_rules import RedactionRules
 from gateway.scanner import normalise, pattern_width
+from gateway.stream_matcher import StreamMatcher
 
 
 def policy_set(text: str) -> PolicySet:
@@ -301,3 +302,184 @@ def test_load_refuses_a_missing_directory(tmp_path):
 
 def test_shipped_directory_path_is_relative_by_default():
     assert PolicySettings().directory == Path("policies")
+
+
+# --- streaming hold-back: released text never carries any part of a later match ------------
+
+_STREAM_RULES = """\
+id: stream-extra
+version: "1"
+rules:
+  - id: code-words
+    kind: words
+    direction: completion
+    words: ["red falcon", "Blue Heron", "café noir"]
+    action: redact
+    replacement: "[CODE]"
+  - id: infix-word
+    kind: words
+    direction: completion
+    words: ["zork"]
+    whole_words: false
+    action: redact
+    replacement: "[Z]"
+  - id: ticket
+    kind: regex
+    direction: completion
+    pattern: '(?i)\\bTCK-(?:[0-9]{3}|[a-f]{2}x)\\b'
+    action: redact
+    replacement: "[TICKET]"
+  - id: shout
+    kind: regex
+    direction: completion
+    pattern: 'STOP(?:!{1,3}|\\.)$'
+    action: block
+"""
+_OPAQUE_RULES = """\
+id: stream-opaque
+version: "1"
+rules:
+  - id: letters-then-digits  # RE2-only syntax: no prefix analysis, held for its whole width
+    kind: regex
+    direction: completion
+    pattern: '\\pL{3}[0-9]{4}'
+    max_match_chars: 7
+    action: redact
+    replacement: "[LD]"
+"""
+_CANARY = "cnry-" + "7" * 16
+
+
+def stream_policies(*extra_files: str) -> PolicySet:
+    shipped = load_policies(Path(__file__).resolve().parents[2] / "policies")
+    extra = []
+    for text in (_STREAM_RULES, *extra_files):
+        policy, problems = parse_policy("extra.yaml", text)
+        assert policy is not None and not problems, problems
+        extra.append(policy)
+    return PolicySet((*shipped.policies, *extra), "sha256:stream")
+
+
+def stream_sample(rng: random.Random) -> str:
+    """Prose with matches, near misses and Unicode folded by the scanner, at random places."""
+    alnum = string.ascii_letters + string.digits
+    pick = lambda chars, n: "".join(rng.choice(chars) for _ in range(n))  # noqa: E731
+    pieces = [
+        "the",
+        "gateway",
+        "answers",
+        "quickly",
+        "and",
+        "keys",
+        "Café",
+        "ｗｉｄｅ",
+        "é",
+        "\u200b",
+        ",",
+        ".",
+        "!",
+        "\n",
+        "  ",
+        "jane",
+        "@",
+        "example",
+        "4111",
+        "-",
+        "12",
+        "AK" + "IA" + pick(string.ascii_uppercase + string.digits, 16),
+        "AK" + "IA" + pick(string.digits, 5),
+        "gh" + "p_" + pick(alnum, 36),
+        "gh" + "p_",
+        "sk" + "-" + pick(alnum + "_-", rng.randint(18, 40)),
+        "xo" + "xb-" + pick(alnum, 12),
+        "-----BEGIN " + "RSA PRIVATE" + " KEY-----",
+        "-----BEGIN",
+        f"{rng.randint(100, 999)}-{rng.randint(10, 99)}-{rng.randint(1000, 9999)}",
+        " ".join(pick(string.digits, 4) for _ in range(4)),
+        "4111 1111 111",
+        pick(string.ascii_lowercase, 5) + "@" + pick(string.ascii_lowercase, 6) + ".org",
+        "project" + " " * rng.randint(1, 3) + "BlueBird",
+        "bluebird initiative",
+        "project",
+        "RED  falcon",
+        "red fal",
+        "blue\u00a0heron",
+        "cafe\u0301 noir",
+        "zork",
+        "xzorkx",
+        "tck-123",
+        "TCK-abx",
+        "TCK-12",
+        "abc1234",
+        "ab1234",
+        "STOP!",
+        "STOP",
+        _CANARY,
+        "cnry-7",
+    ]
+    words = [rng.choice(pieces) for _ in range(rng.randint(1, 25))]
+    return "".join(w + rng.choice(["", " ", " ", "\t"]) for w in words)
+
+
+def chunked(rng: random.Random, text: str) -> list[str]:
+    chunks, at = [], 0
+    while at < len(text):
+        size = rng.choice([1, 1, 2, 3, 4, 7, 16, 40])
+        chunks.append(text[at : at + size])
+        at += size
+    return chunks
+
+
+async def streamed(policies: PolicySet, selection, chunks: list[str]):
+    async def scan(text: str, fresh: int):
+        return await policies.scan(selection, text, "completion", canary=_CANARY, fresh=fresh)
+
+    matcher = StreamMatcher(scan)
+    out, blocked = "", None
+    for chunk in chunks:
+        release = await matcher.feed(chunk)
+        out, blocked = out + release.text, blocked or release.blocked
+    release = await matcher.finish()
+    return out + release.text, blocked or release.blocked
+
+
+async def test_streamed_output_equals_whole_text_filtering_for_any_chunking():
+    policies, rng = stream_policies(_OPAQUE_RULES), random.Random(20240607)
+    selection = policies.select_all()
+    for _ in range(400):
+        text = stream_sample(rng)
+        whole = await policies.evaluate(selection, text, "completion", canary=_CANARY)
+        for _ in range(3):
+            out, blocked = await streamed(policies, selection, chunked(rng, text))
+            assert out == whole.text, (text, out, whole.text)
+            assert (blocked and blocked.rule.id) == (whole.blocked and whole.blocked.rule.id)
+
+
+@pytest.mark.parametrize(
+    ("text", "held"),
+    [
+        ("The gateway forwards each request to the provider, ", 0),
+        ("Rotate access keys every 90 days\n", 0),
+        ("Your key starts with AK" + "IA12", len("AK" + "IA12")),
+        ("We spoke of project", len(" project")),
+        ("Write to jane.doe@exa", len("jane.doe@exa")),
+    ],
+)
+async def test_text_that_cannot_start_a_match_is_released_at_once(text, held):
+    policies = stream_policies()
+    selection = policies.select_all()
+    assert selection.hold("completion") > 200  # the longest possible match of the rules
+
+    async def scan(value: str, fresh: int):
+        return await policies.scan(selection, value, "completion", canary=_CANARY, fresh=fresh)
+
+    matcher = StreamMatcher(scan)
+    release = await matcher.feed(text)
+    assert matcher.held == held
+    assert release.text == text[: len(text) - held]
+
+
+async def test_a_pattern_without_prefix_analysis_holds_its_whole_width():
+    policies = stream_policies(_OPAQUE_RULES)
+    scanned = await policies.scan(policies.select_all(), "Rotate access keys\n", "completion")
+    assert scanned.safe_end == len("Rotate access keys\n") - 7

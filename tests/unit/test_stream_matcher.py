@@ -23,7 +23,7 @@ def literal_scanner(words: dict[str, str]):
     """A scan function for literal words: effect by word, hold = longest word."""
     hold = max(len(w) for w in words)
 
-    async def scan(text: str) -> Scanned[FakeMatch]:
+    async def scan(text: str, fresh: int = 0) -> Scanned[FakeMatch]:
         found = [
             FakeMatch(m.start(), m.end(), m.start() + hold <= len(text), effect)
             for word, effect in words.items()
@@ -103,6 +103,8 @@ async def test_nothing_is_released_after_a_block():
         ([FakeMatch(3, 6, False, "block")], 8, "hel"),
         ([FakeMatch(1, 3, True, "redact")], 8, "h#lo wo"),
         ([FakeMatch(4, 9, True, "redact")], 6, "hell"),
+        # a straddling match that overlaps a settled one moves the cut before both
+        ([FakeMatch(1, 4, True, "redact"), FakeMatch(2, 9, True, "redact")], 6, "h"),
     ],
 )
 def test_settle_cuts_before_undecided_and_straddling_matches(matches, boundary, expected):

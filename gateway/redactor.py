@@ -172,10 +172,12 @@ class Redactor:
         except BrokenProcessPool as exc:
             raise self._broken(pool) from exc
         self._pending += 1
-        future.add_done_callback(self._finished)
+        loop = asyncio.get_running_loop()
+        # The callback runs on the pool's thread; the count is only touched on the loop's.
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._finished))
         return future
 
-    def _finished(self, _: concurrent.futures.Future[Any]) -> None:
+    def _finished(self) -> None:
         self._pending -= 1
 
     async def _wait(

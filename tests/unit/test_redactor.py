@@ -98,16 +98,20 @@ async def test_rules_change_what_is_reported(redactor):
 async def test_overload_is_refused_quickly(redactor):
     settings = redactor.settings
     redactor.settings = settings.model_copy(update={"queue_size": 0})
+    busy = redactor._pending
+    redactor._pending = redactor.workers  # every worker busy, no queue left
     try:
         results = await asyncio.gather(
-            redactor.analyze(["A first new text about Ann Lee."], redactor.rules),
             redactor.analyze(["A second new text about Bo Chen."], redactor.rules),
             return_exceptions=True,
         )
     finally:
         redactor.settings = settings
-    assert isinstance(results[1], ServiceUnavailableError)
-    assert results[1].headers["Retry-After"] == "1"
+        redactor._pending = busy
+    assert isinstance(results[0], ServiceUnavailableError)
+    assert results[0].headers["Retry-After"] == "1"
+    (found,) = await redactor.analyze(["A second new text about Bo Chen."], redactor.rules)
+    assert [f.entity for f in found] == ["PERSON"]  # accepted again once a worker is free
 
 
 async def test_slow_analysis_fails_closed(redactor):

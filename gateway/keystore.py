@@ -237,6 +237,9 @@ class _Store:
         raise NotImplementedError
 
 
+_UNKNOWN_RECHECK = 0.2
+
+
 class FileKeyStore(_Store):
     """Keys in one JSON file (mode 0600), read into memory and re-read when it changes, so
     keys made with `gateway keys` reach a running gateway within `cache_seconds`."""
@@ -264,7 +267,12 @@ class FileKeyStore(_Store):
         return sorted(self._records.values(), key=lambda r: r.created_at)
 
     async def _find(self, digest: str) -> ApiKey | None:
-        if time.monotonic() - self._checked_at >= self._cache_seconds:
+        # A key the cache does not know may have just been made with `gateway keys create`:
+        # look at the file again at once, but at most every _UNKNOWN_RECHECK seconds, so a
+        # flood of bad keys costs a few stat calls, not a read each.
+        age = time.monotonic() - self._checked_at
+        unknown = digest not in self._by_hash
+        if age >= self._cache_seconds or (unknown and age >= _UNKNOWN_RECHECK):
             await self._reload()
         return self._records.get(self._by_hash.get(digest, ""))
 

@@ -117,12 +117,21 @@ async def test_running_store_sees_keys_another_process_wrote(tmp_path, file_stor
     other = FileKeyStore(tmp_path / "keys.json", HASH_KEY, 2.0, time.time)
     await other.start()
     record, secret = await other.create(KeySpec(name="from-cli"))
-    assert await _reason(file_store, secret) == "unknown_key"  # not re-read yet
-    file_store._checked_at = 0.0  # the reload interval has passed
-    assert (await file_store.verify(secret)).id == record.id
+    file_store._checked_at -= 0.5  # past the unknown-key recheck, well within cache_seconds
+    assert (await file_store.verify(secret)).id == record.id  # a new key is looked up at once
     await other.revoke(record.id)
-    file_store._checked_at = 0.0
+    assert (await file_store.verify(secret)).id == record.id  # known keys: cached, as documented
+    file_store._checked_at = 0.0  # cache_seconds have passed
     assert await _reason(file_store, secret) == "revoked"
+
+
+async def test_a_flood_of_unknown_keys_does_not_reread_the_file(tmp_path, file_store, monkeypatch):
+    stats = []
+    real_stat = file_store._stat
+    monkeypatch.setattr(file_store, "_stat", lambda: stats.append(1) or real_stat())
+    for _ in range(20):
+        assert await _reason(file_store, "gwk_" + "x" * 43) == "unknown_key"
+    assert len(stats) <= 1  # at most one look at the file per recheck interval
 
 
 DURATIONS = [("90", 90), ("90s", 90), ("15m", 900), ("1h", 3600), ("30d", 2592000), ("2w", 1209600)]

@@ -2,7 +2,7 @@
 
 Owns the patterns, the context words some of them need, and the validators (checksums,
 entropy, Luhn, IBAN mod 97) that keep look-alikes out. Plain `re` and the standard library
-only: `gateway.redactor` wraps `find_matches` in a Presidio recognizer. Must not import
+only: `gateway.redaction_worker` wraps `find_matches` in a Presidio recognizer. Must not import
 Presidio, log or keep the text it scans.
 """
 

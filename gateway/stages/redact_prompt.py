@@ -1,23 +1,20 @@
 """`RedactPrompt`: personal data and secrets leave the request before it reaches a provider.
 
-Owns finding every piece of client text in a request (chat, responses, completions,
-embeddings; content, names, tool arguments and results), applying each finding's action
-(pseudonymize, mask, hash, block) and, on the way back, restoring issued placeholders in
-completions and streams. Must not detect anything itself (the `Redactor` engine does) nor log
-values.
+Owns applying each finding's action (pseudonymize, mask, hash, block) to every piece of client
+text in a request (found by `gateway.redaction_payload`) and, on the way back, restoring issued
+placeholders in completions and streams. Must not detect anything itself (the `Redactor` engine
+does) nor log values.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gateway import metrics
-from gateway.errors import ContentPolicyError, InvalidRequestError
+from gateway.errors import ContentPolicyError
 from gateway.exchange import Exchange
 from gateway.log import get_logger
 from gateway.pipeline import Stage
@@ -28,11 +25,11 @@ from gateway.placeholders import (
     placeholder,
     restore_tree,
 )
+from gateway.redaction_payload import collect_texts
 from gateway.redaction_rules import RedactionRules
 from gateway.redactor import Finding
 from gateway.sse import SseEvent, json_event
 
-NON_TEXT_PARTS = {"image_url", "input_image", "input_audio", "input_file", "file"}
 log = get_logger("gateway.redact_prompt")
 
 
@@ -48,25 +45,6 @@ class TextAnalyzer(Protocol):
 
 RulesFor = Callable[[Exchange], RedactionRules]
 """The rules for one request (e.g. from the policy set); default: the redactor's rules."""
-
-
-@dataclass(slots=True)
-class Slot:
-    """Where one text lives: `container[key]`; `where` names it in errors (never the value)."""
-
-    container: Any
-    key: str | int
-    where: str
-
-    @property
-    def text(self) -> str:
-        return str(self.container[self.key])
-
-
-@dataclass(slots=True)
-class Collected:
-    slots: list[Slot] = field(default_factory=list)
-    json_fields: list[tuple[Any, str | int, Any]] = field(default_factory=list)
 
 
 class RedactPrompt(Stage):
@@ -92,11 +70,10 @@ class RedactPrompt(Stage):
         changed = False
         for slot, text, found in zip(slots, texts, findings, strict=True):
             if found:
-                slot.container[slot.key] = replacer.replace(text, found, slot.where)
+                slot.set(replacer.replace(text, found, slot.where))
                 changed = True
         if changed:
-            for container, key, parsed in collected.json_fields:
-                container[key] = json.dumps(parsed, ensure_ascii=False)
+            collected.write_json_fields()
             exchange.mark_changed()
             log.info("prompt_redacted", entities=dict(exchange.redaction_counts))
 
@@ -113,6 +90,10 @@ class RedactPrompt(Stage):
         if not table:
             return events
         return StreamRestorer(table).run(events)
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def restore_table(exchange: Exchange) -> dict[str, str]:
@@ -181,127 +162,6 @@ class Replacer:
             candidate = placeholder(entity, self._numbers[entity])
             if candidate not in self._taken:
                 return candidate
-
-
-# --- finding the texts ------------------------------------------------------------------------
-
-
-def collect_texts(endpoint: str, body: dict[str, Any], rules: RedactionRules) -> Collected:
-    """Every client text the provider would receive, as editable slots."""
-    found = Collected()
-    if endpoint == "chat.completions":
-        for index, message in enumerate(_list(body.get("messages"))):
-            _message(found, message, f"messages[{index}]", rules)
-    elif endpoint == "responses":
-        _string(found, body, "instructions", "instructions")
-        _responses_input(found, body, rules)
-    elif endpoint in ("completions", "embeddings"):
-        name = "prompt" if endpoint == "completions" else "input"
-        _prompt(found, body, name)
-    return found
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
-def _string(found: Collected, container: Any, key: str | int, where: str) -> None:
-    if isinstance(container, dict | list) and isinstance(_get(container, key), str):
-        found.slots.append(Slot(container, key, where))
-
-
-def _get(container: Any, key: str | int) -> Any:
-    if isinstance(container, dict):
-        return container.get(key)
-    return container[key] if isinstance(key, int) and 0 <= key < len(container) else None
-
-
-def _message(found: Collected, message: Any, where: str, rules: RedactionRules) -> None:
-    if not isinstance(message, dict):
-        return
-    _content(found, message, "content", f"{where}.content", rules)
-    for key in ("name", "refusal"):
-        _string(found, message, key, f"{where}.{key}")
-    for index, call in enumerate(_list(message.get("tool_calls"))):
-        if isinstance(call, dict):
-            _arguments(found, call.get("function"), f"{where}.tool_calls[{index}].function")
-    _arguments(found, message.get("function_call"), f"{where}.function_call")
-
-
-def _content(found: Collected, holder: Any, key: str, where: str, rules: RedactionRules) -> None:
-    value = holder.get(key)
-    if isinstance(value, str):
-        found.slots.append(Slot(holder, key, where))
-        return
-    for index, part in enumerate(_list(value)):
-        if not isinstance(part, dict):
-            continue
-        kind = part.get("type")
-        if kind in NON_TEXT_PARTS and rules.images == "refuse":
-            raise ContentPolicyError(
-                f"{where}[{index}] is a {kind} part; this gateway only forwards text it can "
-                "check for personal data. Send text only.",
-                param=f"{where}[{index}]",
-            )
-        for text_key in ("text", "refusal"):
-            _string(found, part, text_key, f"{where}[{index}].{text_key}")
-
-
-def _arguments(found: Collected, function: Any, where: str) -> None:
-    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
-        return
-    try:
-        parsed = json.loads(function["arguments"])
-    except ValueError:
-        found.slots.append(Slot(function, "arguments", f"{where}.arguments"))
-        return
-    found.json_fields.append((function, "arguments", parsed))
-    _json_leaves(found, parsed, f"{where}.arguments")
-
-
-def _json_leaves(found: Collected, node: Any, where: str) -> None:
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) \
-        else ()  # fmt: skip
-    for key, value in items:
-        if isinstance(value, str):
-            found.slots.append(Slot(node, key, where))
-        else:
-            _json_leaves(found, value, where)
-
-
-def _responses_input(found: Collected, body: dict[str, Any], rules: RedactionRules) -> None:
-    if isinstance(body.get("input"), str):
-        found.slots.append(Slot(body, "input", "input"))
-        return
-    for index, item in enumerate(_list(body.get("input"))):
-        if not isinstance(item, dict):
-            continue
-        where = f"input[{index}]"
-        kind = item.get("type", "message")
-        if kind == "message":
-            _content(found, item, "content", f"{where}.content", rules)
-        elif kind == "function_call":
-            _arguments(found, item, where)
-        elif kind in ("function_call_output", "custom_tool_call_output"):
-            _content(found, item, "output", f"{where}.output", rules)
-
-
-def _prompt(found: Collected, body: dict[str, Any], name: str) -> None:
-    value = body.get(name)
-    if isinstance(value, str):
-        found.slots.append(Slot(body, name, name))
-        return
-    for index, item in enumerate(_list(value)):
-        if not isinstance(item, str):
-            raise InvalidRequestError(
-                f"'{name}' holds token ids, which this gateway cannot check for personal "
-                "data. Send text instead.",
-                param=name,
-            )
-        found.slots.append(Slot(value, index, f"{name}[{index}]"))
-
-
-# --- restoring streams ------------------------------------------------------------------------
 
 
 class StreamRestorer:

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from gateway.config import DemoSettings
-from gateway.demo import DemoControl, Fault, ScriptedReply, bound_port, start_demo
+from gateway.demo import DemoControl, Fault, bound_port, start_demo
+from gateway.demo_wire import ScriptedReply
 
 __all__ = ["FakeProvider", "Fault", "ScriptedReply"]
 

@@ -13,7 +13,8 @@ import pytest
 from gateway.config import ConfigError, RedactionSettings
 from gateway.errors import PayloadTooLargeError, ServiceUnavailableError
 from gateway.redaction_rules import EntityRule, RedactionRules
-from gateway.redactor import Finding, Redactor, apply_rules, build_analyzer, merge_overlaps
+from gateway.redaction_worker import build_analyzer
+from gateway.redactor import Finding, Redactor, apply_rules, merge_overlaps
 
 pytestmark = pytest.mark.slow
 MODEL = RedactionSettings().spacy_model
@@ -29,7 +30,8 @@ def redactor():
 
 def test_importing_the_stage_does_not_load_presidio_or_spacy():
     code = (
-        "import sys, gateway.app, gateway.stages.redact_prompt, gateway.redactor; "
+        "import sys, gateway.app, gateway.stages.redact_prompt, gateway.redactor, "
+        "gateway.redaction_worker, gateway.redaction_split; "
         "print(any(m.split('.')[0] in ('presidio_analyzer', 'spacy') for m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

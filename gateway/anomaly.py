@@ -10,16 +10,17 @@ Must never run on the request path: requests are queued and analysed by a backgr
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from gateway import metrics
 from gateway.config import AnomalySettings, Settings
@@ -87,6 +88,34 @@ class Rolled:
     history: int
 
 
+Seen = tuple[str, str, float]
+"""(set key, member, ttl seconds): a member to add to a set of things seen."""
+
+
+@dataclass(frozen=True, slots=True)
+class Visit:
+    """What one request adds to one identity's state (`key` is `kind:ident`): its counts to
+    the current minute, members to sets of things seen, and one to the hour of day. When
+    `new_model` names one of the `seen` keys, the minute's `models` count is 1 if that member
+    was new, else 0."""
+
+    key: str
+    counts: Mapping[str, float]
+    seen: tuple[Seen, ...] = ()
+    new_model: str | None = None
+
+
+@dataclass(slots=True)
+class Visited:
+    """The identity's state after a `Visit`: its minute rolled, whether each seen member was
+    new, and the 24 hourly counts before this request with the time the identity was first
+    seen."""
+
+    rolled: Rolled
+    new: list[bool]
+    hours: tuple[list[float], float]
+
+
 def scale(baseline: Baseline, metric: str, relative_floor: float) -> float:
     """The robust spread: the deviation, a share of the mean or the metric's floor (the largest)."""
     floor = max(relative_floor * baseline.mean, _MIN_SPREAD[metric])
@@ -105,19 +134,17 @@ def fold(baseline: Baseline, value: float, settings: AnomalySettings, metric: st
 
 
 class Store(Protocol):
-    """Detector state; every method may raise `ServiceUnavailableError`."""
+    """Detector state; every method may raise `ServiceUnavailableError`. Methods take every
+    identity of a request at once, so that Redis answers a request in few round trips."""
 
-    async def roll(self, key: str, minute: int, counts: Mapping[str, float]) -> Rolled: ...
+    async def visit(self, visits: Sequence[Visit], minute: int, hour: int,
+                    now: float) -> list[Visited]: ...  # fmt: skip
 
     async def save(self, key: str, baselines: Mapping[str, Baseline], history: int) -> None: ...
-
-    async def add_seen(self, key: str, member: str, ttl: float) -> bool: ...
 
     async def count_recent(self, key: str, now: float, window: float) -> int: ...
 
     async def claim(self, key: str, now: float, cooldown: float) -> bool: ...
-
-    async def add_hour(self, key: str, hour: int, now: float) -> tuple[list[float], float]: ...
 
     async def close(self) -> None: ...
 
@@ -140,7 +167,21 @@ class MemoryStore:
         self._until: dict[str, float] = {}
         self._hours: dict[str, tuple[list[float], float]] = {}
 
-    async def roll(self, key: str, minute: int, counts: Mapping[str, float]) -> Rolled:
+    async def visit(self, visits: Sequence[Visit], minute: int, hour: int,
+                    now: float) -> list[Visited]:  # fmt: skip
+        return [self._visit(visit, minute, hour, now) for visit in visits]
+
+    def _visit(self, visit: Visit, minute: int, hour: int, now: float) -> Visited:
+        new = [self._add_seen(key, member, ttl) for key, member, ttl in visit.seen]
+        counts = dict(visit.counts)
+        if visit.new_model is not None:
+            found = [n for (key, _, _), n in zip(visit.seen, new, strict=True)
+                     if key == visit.new_model]  # fmt: skip
+            counts["models"] = float(any(found))
+        rolled = self._roll(visit.key, minute, counts)
+        return Visited(rolled, new, self._add_hour(visit.key, hour, now))
+
+    def _roll(self, key: str, minute: int, counts: Mapping[str, float]) -> Rolled:
         state = self._minutes.setdefault(key, _Minute())
         closed = None
         if state.minute < minute:
@@ -155,7 +196,7 @@ class MemoryStore:
         state = self._minutes.setdefault(key, _Minute())
         state.baselines, state.history = dict(baselines), history
 
-    async def add_seen(self, key: str, member: str, ttl: float) -> bool:
+    def _add_seen(self, key: str, member: str, ttl: float) -> bool:
         members, _ = self._seen.get(key, (set(), 0.0))
         new = member not in members
         members.add(member)
@@ -178,7 +219,7 @@ class MemoryStore:
         self._until[key] = now + cooldown
         return True
 
-    async def add_hour(self, key: str, hour: int, now: float) -> tuple[list[float], float]:
+    def _add_hour(self, key: str, hour: int, now: float) -> tuple[list[float], float]:
         hours, first = self._hours.get(key, ([0.0] * 24, now))
         before = list(hours)
         hours[hour] += 1
@@ -189,24 +230,48 @@ class MemoryStore:
         """Nothing to release."""
 
 
-_ROLL = """
+# KEYS: the identity's minute hash, its hours hash, then one set per seen member.
+# ARGV: minute, state ttl, hour, now, index of the seen set that counts new models (0: none),
+# then member and ttl per seen set, then metric and value pairs. Adds the seen members; rolls
+# the minute (a new minute returns the closed one's counts and starts afresh); counts the
+# hour. Returns {closed, state, new, hours} as JSON.
+_VISIT = """
+local minute, ttl, now = tonumber(ARGV[1]), ARGV[2], ARGV[4]
+local models_from, sets = tonumber(ARGV[5]), #KEYS - 2
+local new = {}
+for i = 1, sets do
+  new[i] = redis.call('SADD', KEYS[2 + i], ARGV[4 + 2 * i])
+  redis.call('EXPIRE', KEYS[2 + i], ARGV[5 + 2 * i])
+end
+local names, values = {}, {}
+for i = 6 + 2 * sets, #ARGV, 2 do
+  names[#names + 1], values[#values + 1] = ARGV[i], ARGV[i + 1]
+end
+if models_from > 0 then
+  names[#names + 1], values[#values + 1] = 'models', new[models_from]
+end
 local current = tonumber(redis.call('HGET', KEYS[1], 'minute') or '-1')
-local minute = tonumber(ARGV[1])
 local closed = false
 if current < minute then
   if current >= 0 then
     closed = {}
-    for i = 3, #ARGV, 2 do
-      closed[ARGV[i]] = tonumber(redis.call('HGET', KEYS[1], 'c:' .. ARGV[i]) or '0')
+    for i = 1, #names do
+      closed[names[i]] = tonumber(redis.call('HGET', KEYS[1], 'c:' .. names[i]) or '0')
     end
   end
-  for i = 3, #ARGV, 2 do redis.call('HDEL', KEYS[1], 'c:' .. ARGV[i]) end
+  for i = 1, #names do redis.call('HDEL', KEYS[1], 'c:' .. names[i]) end
   redis.call('HSET', KEYS[1], 'minute', minute)
 end
-for i = 3, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], 'c:' .. ARGV[i], ARGV[i + 1]) end
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-return cjson.encode({closed = closed, state = redis.call('HGETALL', KEYS[1])})
+for i = 1, #names do redis.call('HINCRBYFLOAT', KEYS[1], 'c:' .. names[i], values[i]) end
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('HSETNX', KEYS[2], 'first', now)
+local hours = redis.call('HGETALL', KEYS[2])
+redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+redis.call('EXPIRE', KEYS[2], ttl)
+return cjson.encode({closed = closed, state = redis.call('HGETALL', KEYS[1]), new = new,
+                     hours = hours})
 """
+_VISIT_SHA = hashlib.sha1(_VISIT.encode(), usedforsecurity=False).hexdigest()
 _CLAIM = """
 local ends = tonumber(redis.call('GET', KEYS[1]) or '-1')
 if ends > tonumber(ARGV[1]) then return 0 end
@@ -216,7 +281,9 @@ return 1
 
 
 class RedisStore:
-    """State shared by every replica; Redis errors become `ServiceUnavailableError` here."""
+    """State shared by every replica; Redis errors become `ServiceUnavailableError` here.
+
+    Each method sends its commands in one pipeline: one round trip per call."""
 
     def __init__(self, url: str, timeout: float, prefix: str = "gateway:anomaly:") -> None:
         self._redis = aioredis.Redis.from_url(
@@ -226,25 +293,43 @@ class RedisStore:
         self._ids = itertools.count()
 
     async def _call(self, *args: Any) -> Any:
+        return (await self._batch([args]))[0]
+
+    async def _batch(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Runs `commands` in one round trip (not atomically); replies in order."""
         try:
-            return await self._redis.execute_command(*args)  # type: ignore[no-untyped-call]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                return list(await pipe.execute())
+        except NoScriptError:
+            raise
         except (RedisError, OSError) as exc:
             raise ServiceUnavailableError("Anomaly state in Redis is unavailable.") from exc
 
-    async def roll(self, key: str, minute: int, counts: Mapping[str, float]) -> Rolled:
-        pairs = [str(part) for item in counts.items() for part in item]
-        raw = await self._call("EVAL", _ROLL, 1, self._prefix + "m:" + key, minute, _STATE_TTL,
-                               *pairs)  # fmt: skip
-        reply = orjson.loads(raw)
-        flat = [str(part) for part in reply["state"]]
-        state = dict(zip(flat[::2], flat[1::2], strict=True))
-        current = {k[2:]: float(v) for k, v in state.items() if k.startswith("c:")}
-        baselines = {
-            m: Baseline(float(state[f"e:{m}"]), float(state[f"d:{m}"]), int(state[f"n:{m}"]))
-            for m in METRICS if f"e:{m}" in state
-        }  # fmt: skip
-        closed = reply["closed"] or None
-        return Rolled(current, closed, baselines, int(state.get("history", 0)))
+    async def visit(self, visits: Sequence[Visit], minute: int, hour: int,
+                    now: float) -> list[Visited]:  # fmt: skip
+        if not visits:
+            return []
+        commands = [self._visit_command(visit, minute, hour, now) for visit in visits]
+        try:
+            replies = await self._batch(commands)
+        except NoScriptError:  # Redis restarted or flushed its scripts: load once, run again
+            await self._call("SCRIPT", "LOAD", _VISIT)
+            replies = await self._batch(commands)
+        return [_visited(orjson.loads(raw), len(visit.seen))
+                for raw, visit in zip(replies, visits, strict=True)]  # fmt: skip
+
+    def _visit_command(self, visit: Visit, minute: int, hour: int, now: float) -> list[Any]:
+        keys = [self._prefix + "m:" + visit.key, self._prefix + "h:" + visit.key]
+        keys += [self._prefix + "s:" + key for key, _, _ in visit.seen]
+        models_from = next((i + 1 for i, (key, _, _) in enumerate(visit.seen)
+                            if key == visit.new_model), 0)  # fmt: skip
+        args: list[Any] = [minute, _STATE_TTL, hour, repr(now), models_from]
+        for _, member, ttl in visit.seen:
+            args += [member, int(ttl) + 1]
+        args += [str(part) for item in visit.counts.items() for part in item]
+        return ["EVALSHA", _VISIT_SHA, len(keys), *keys, *args]
 
     async def save(self, key: str, baselines: Mapping[str, Baseline], history: int) -> None:
         values: list[str] = ["history", str(history)]
@@ -253,34 +338,38 @@ class RedisStore:
                        f"n:{metric}", str(base.count)]  # fmt: skip
         await self._call("HSET", self._prefix + "m:" + key, *values)
 
-    async def add_seen(self, key: str, member: str, ttl: float) -> bool:
-        name = self._prefix + "s:" + key
-        added = await self._call("SADD", name, member)
-        await self._call("EXPIRE", name, int(ttl) + 1)
-        return bool(added)
-
     async def count_recent(self, key: str, now: float, window: float) -> int:
         name = self._prefix + "w:" + key
         member = f"{now!r}:{next(self._ids)}:{id(self)}"
-        await self._call("ZADD", name, now, member)
-        await self._call("ZREMRANGEBYSCORE", name, "-inf", now - window)
-        await self._call("EXPIRE", name, int(window) + 60)
-        return int(await self._call("ZCARD", name))
+        commands = [("ZADD", name, now, member), ("ZREMRANGEBYSCORE", name, "-inf", now - window),
+                    ("EXPIRE", name, int(window) + 60), ("ZCARD", name)]  # fmt: skip
+        return int((await self._batch(commands))[3])
 
     async def claim(self, key: str, now: float, cooldown: float) -> bool:
         return bool(await self._call("EVAL", _CLAIM, 1, self._prefix + "c:" + key, now, cooldown))
 
-    async def add_hour(self, key: str, hour: int, now: float) -> tuple[list[float], float]:
-        name = self._prefix + "h:" + key
-        await self._call("HSETNX", name, "first", repr(now))
-        raw = await self._call("HGETALL", name)
-        await self._call("HINCRBY", name, str(hour), 1)
-        await self._call("EXPIRE", name, _STATE_TTL)
-        values = {_text(k): _text(v) for k, v in dict(raw).items()}
-        return [float(values.get(str(h), 0)) for h in range(24)], float(values["first"])
-
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+def _rolled(reply: dict[str, Any]) -> Rolled:
+    flat = [str(part) for part in reply["state"]]
+    state = dict(zip(flat[::2], flat[1::2], strict=True))
+    current = {k[2:]: float(v) for k, v in state.items() if k.startswith("c:")}
+    baselines = {
+        m: Baseline(float(state[f"e:{m}"]), float(state[f"d:{m}"]), int(state[f"n:{m}"]))
+        for m in METRICS if f"e:{m}" in state
+    }  # fmt: skip
+    closed = reply["closed"] or None
+    return Rolled(current, closed, baselines, int(state.get("history", 0)))
+
+
+def _visited(reply: dict[str, Any], sets: int) -> Visited:
+    new = reply["new"] if isinstance(reply["new"], list) else []  # cjson: {} when empty
+    flat = [str(part) for part in reply["hours"]]
+    values = dict(zip(flat[::2], flat[1::2], strict=True))
+    hours = [float(values.get(str(h), 0)) for h in range(24)], float(values["first"])
+    return Visited(_rolled(reply), [bool(n) for n in new] + [False] * (sets - len(new)), hours)
 
 
 def _text(value: Any) -> str:
@@ -296,6 +385,13 @@ def open_store(settings: Settings) -> Store:
 
 
 Emit = Callable[[Anomaly], None]
+
+
+def _counts(obs: Observation) -> dict[str, float]:
+    """What one request adds to its identity's current minute (but `models`: see `Visit`)."""
+    return {"requests": 1.0, "tokens": float(obs.tokens),
+            "errors": float(obs.status >= 500 or obs.status in (401, 403, 429)),
+            "violations": float(obs.violations), "redactions": float(obs.redactions)}  # fmt: skip
 
 
 class AnomalyDetector:
@@ -354,11 +450,16 @@ class AnomalyDetector:
 
     async def observe(self, obs: Observation) -> list[Anomaly]:
         """Runs every detector on one request and emits what passes its cooldown."""
+        identities = obs.identities()
+        minute, hour = int(obs.at // 60), int(obs.at // 3600) % 24
+        visits = [self._visit(kind, ident, obs, minute) for kind, ident in identities]
+        visited = await self.store.visit(visits, minute, hour, obs.at)
         found: list[Anomaly] = []
-        for kind, ident in obs.identities():
-            history = await self._baselines(kind, ident, obs, found)
-            await self._first_use(kind, ident, obs, history, found)
-            await self._hour(kind, ident, obs, found)
+        for (kind, ident), visit, state in zip(identities, visits, visited, strict=True):
+            history = await self._baselines(kind, ident, state.rolled, obs, found)
+            new = {key: added for (key, _, _), added in zip(visit.seen, state.new, strict=True)}
+            self._first_use(kind, ident, obs, (history, new), found)
+            self._hour(kind, ident, obs, state.hours, found)
         await self._rules(obs, found)
         raised = []
         for anomaly in found:
@@ -369,18 +470,26 @@ class AnomalyDetector:
                 self._emit(anomaly)
         return raised
 
+    def _visit(self, kind: str, ident: str, obs: Observation, minute: int) -> Visit:
+        """What the request adds to the identity: its counts, the models it used this minute
+        (the `models` count) and, for first-use detection, the models and endpoints ever."""
+        counts = _counts(obs)
+        seen: list[Seen] = []
+        new_model = None
+        if obs.model is not None:
+            new_model = f"mm:{kind}:{ident}:{minute}"
+            seen.append((new_model, obs.model, 120))
+        else:
+            counts["models"] = 0.0
+        if self.settings.first_use:
+            for what, value in (("model", obs.model), ("endpoint", obs.endpoint)):
+                if value is not None:
+                    seen.append((f"{what}s:{kind}:{ident}", value, _STATE_TTL))
+        return Visit(f"{kind}:{ident}", counts, tuple(seen), new_model)
+
     async def _baselines(
-        self, kind: str, ident: str, obs: Observation, found: list[Anomaly]
+        self, kind: str, ident: str, rolled: Rolled, obs: Observation, found: list[Anomaly]
     ) -> int:
-        minute = int(obs.at // 60)
-        new_model = obs.model is not None and await self.store.add_seen(
-            f"mm:{kind}:{ident}:{minute}", obs.model, 120
-        )
-        counts = {"requests": 1.0, "tokens": float(obs.tokens),
-                  "errors": float(obs.status >= 500 or obs.status in (401, 403, 429)),
-                  "violations": float(obs.violations), "redactions": float(obs.redactions),
-                  "models": float(new_model)}  # fmt: skip
-        rolled = await self.store.roll(f"{kind}:{ident}", minute, counts)
         baselines, history = rolled.baselines, rolled.history
         if rolled.closed is not None:
             for metric in METRICS:
@@ -407,25 +516,29 @@ class AnomalyDetector:
         found.append(Anomaly(_DETECTOR[metric], kind, ident, value, round(base.mean, 3),
                              round(score, 2), severity, obs.at))  # fmt: skip
 
-    async def _first_use(
-        self, kind: str, ident: str, obs: Observation, history: int, found: list[Anomaly]
-    ) -> None:
-        if not self.settings.first_use:
+    def _first_use(
+        self, kind: str, ident: str, obs: Observation, state: tuple[int, dict[str, bool]],
+        found: list[Anomaly],
+    ) -> None:  # fmt: skip
+        """`state`: the identity's history (minutes) and which seen-set members were new."""
+        history, new = state
+        if not self.settings.first_use or history < self.settings.min_history:
             return
         for what, value in (("model", obs.model), ("endpoint", obs.endpoint)):
-            if value is None:
-                continue
-            new = await self.store.add_seen(f"{what}s:{kind}:{ident}", value, _STATE_TTL)
-            if new and history >= self.settings.min_history:
+            if value is not None and new.get(f"{what}s:{kind}:{ident}"):
                 found.append(Anomaly(f"first_{what}_use", kind, ident, 1, 0, 0, "low", obs.at))
 
-    async def _hour(self, kind: str, ident: str, obs: Observation, found: list[Anomaly]) -> None:
+    def _hour(
+        self, kind: str, ident: str, obs: Observation, hours: tuple[list[float], float],
+        found: list[Anomaly],
+    ) -> None:  # fmt: skip
+        """`hours`: the identity's 24 hourly counts before this request, and its first use."""
         hour = int(obs.at // 3600) % 24
-        hours, first = await self.store.add_hour(f"{kind}:{ident}", hour, obs.at)
-        total = sum(hours)
+        counts, first = hours
+        total = sum(counts)
         if obs.at - first < self.settings.hour_min_days * 86400 or not total:
             return
-        share = hours[hour] / total
+        share = counts[hour] / total
         if share < self.settings.hour_min_share:
             found.append(Anomaly("unusual_hour", kind, ident, hour, round(share, 4), 0, "medium",
                                  obs.at))  # fmt: skip

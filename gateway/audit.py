@@ -367,7 +367,8 @@ class AuditWriter:
     ) -> None:
         self._sinks = tuple(sinks)
         self._clock = clock or (lambda: datetime.now(UTC))
-        self.stream = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._pid = os.getpid()  # opened in the process that writes (each worker its own)
+        self.stream = f"{self._pid}-{secrets.token_hex(4)}"
         self._seq = 0
         self._previous = GENESIS
 
@@ -378,7 +379,7 @@ class AuditWriter:
         record["gateway.audit.stream"] = self.stream
         record["gateway.audit.seq"] = self._seq
         record["gateway.audit.prev_hash"] = self._previous
-        record["process.pid"] = os.getpid()
+        record["process.pid"] = self._pid
         line = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
         self._previous = hashlib.sha256(line).hexdigest()
         text = line.decode()

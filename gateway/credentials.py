@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import math
 import re
@@ -33,6 +34,10 @@ JWT_SHAPE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
 _KID = re.compile(r"^[A-Za-z0-9_=+/.:-]{1,256}$")
 _FAMILY = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP", "HS": "oct"}
 MAX_JWKS_BYTES = 1024 * 1024
+# A verified token's identity is remembered this long (never past its `exp`), so a client
+# sending the same token on every request is verified once per period, not per request.
+VERIFIED_SECONDS = 30.0
+VERIFIED_MAX = 10_000
 
 Clock = Callable[[], float]
 Fetch = Callable[[str, float], Awaitable[dict[str, Any]]]
@@ -233,6 +238,7 @@ class TokenVerifier:
         self._issuers = {i.issuer: i for i in settings.issuers}
         self._session: aiohttp.ClientSession | None = None
         self._sources: dict[str, KeySource] = {}
+        self._verified: dict[bytes, tuple[Claimed, float]] = {}  # sha256 -> (who, until)
         for issuer in settings.issuers:
             self._sources[issuer.issuer] = (
                 RemoteJwks(issuer, self._fetch, clock) if issuer.jwks_url else static_keys(issuer)
@@ -255,12 +261,33 @@ class TokenVerifier:
 
     async def verify(self, token: str) -> Claimed:
         """Returns the token's identity or raises `CredentialError` saying what is wrong
-        (`ServiceUnavailableError` if its issuer's keys cannot be had)."""
+        (`ServiceUnavailableError` if its issuer's keys cannot be had).
+
+        A token that verified is trusted again for up to `VERIFIED_SECONDS`, never past its
+        `exp`: a signing key removed from a JWKS stops being accepted that much later."""
         if len(token) > self._max_bytes:
             raise _reject(
                 f"The token is larger than this gateway accepts ({self._max_bytes} bytes).",
                 "oversized",
             )
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        now = time.time()  # the clock pyjwt checks `exp` against
+        cached = self._verified.get(digest)
+        if cached is not None and now < cached[1]:
+            return cached[0]
+        claims, claimed = await self._verify(token)
+        self._remember(digest, claimed, min(now + VERIFIED_SECONDS, _expiry(claims)))
+        return claimed
+
+    def _remember(self, digest: bytes, claimed: Claimed, until: float) -> None:
+        if len(self._verified) >= VERIFIED_MAX:
+            now = time.time()
+            self._verified = {k: v for k, v in self._verified.items() if v[1] > now}
+            if len(self._verified) >= VERIFIED_MAX:
+                self._verified.clear()
+        self._verified[digest] = (claimed, until)
+
+    async def _verify(self, token: str) -> tuple[dict[str, Any], Claimed]:
         header, unverified = _unverified_parts(token)
         alg = header.get("alg")
         if not isinstance(alg, str) or alg.lower() == "none":
@@ -271,7 +298,7 @@ class TokenVerifier:
                           "algorithm_not_allowed")  # fmt: skip
         key = await self._key_for(issuer, header.get("kid"), alg)
         claims = _decode(token, key, alg, issuer)
-        return claimed_from(claims, issuer.claims, issuer.issuer)
+        return claims, claimed_from(claims, issuer.claims, issuer.issuer)
 
     def _issuer_of(self, unverified: Mapping[str, Any]) -> IssuerSettings:
         iss = unverified.get("iss")
@@ -316,6 +343,12 @@ class TokenVerifier:
         if not isinstance(document, dict):
             raise JwksUnavailableError("not a JSON object")
         return document
+
+
+def _expiry(claims: Mapping[str, Any]) -> float:
+    """The token's `exp` (verified by pyjwt when present), else never."""
+    exp = claims.get("exp")
+    return float(exp) if isinstance(exp, int | float) else math.inf
 
 
 def _unverified_parts(token: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -54,7 +54,8 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(_STREAM),  # type: ignore[arg-type]
+        # One write per line (print() makes two when Python runs unbuffered).
+        logger_factory=structlog.WriteLoggerFactory(_STREAM),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
 

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import ValidationError
 
+from gateway import credentials
 from gateway.config import AuthSettings, ClaimPaths, IssuerSettings
 from gateway.credentials import (
     JwksUnavailableError,
@@ -276,3 +277,29 @@ def test_jwt_is_told_by_form():
     assert looks_like_jwt("aGVhZA.cGF5bG9hZA.c2ln")
     assert not looks_like_jwt("gwk_" + "a" * 43)
     assert not looks_like_jwt("a.b")
+
+
+async def test_a_verified_token_is_remembered_until_its_expiry_at_the_latest(monkeypatch):
+    issuer = IssuerSettings(issuer=ISSUER, audience=(AUDIENCE,), algorithms=("HS256",),
+                            secret=HMAC_SECRET)  # fmt: skip
+    verifier = TokenVerifier(AuthSettings(issuers=(issuer,)))
+    decoded: list[str] = []
+    real_decode = credentials._decode
+
+    def counting_decode(token: str, *args: Any) -> dict[str, Any]:
+        decoded.append(token)
+        return real_decode(token, *args)
+
+    monkeypatch.setattr(credentials, "_decode", counting_decode)
+    soon = int(time.time()) + 2
+    token = sign(HMAC_SECRET.encode(), "HS256", exp=soon)
+    other = sign(HMAC_SECRET.encode(), "HS256", sub="bob")
+    assert (await verifier.verify(token)).subject == "alice"
+    assert (await verifier.verify(token)).subject == "alice"
+    assert (await verifier.verify(other)).subject == "bob"
+    assert decoded == [token, other]  # the second use of `token` was not verified again
+
+    later = soon + 1.0  # past its exp, the token is verified again (pyjwt has its own clock)
+    monkeypatch.setattr(credentials.time, "time", lambda: later)
+    await verifier.verify(token)
+    assert decoded == [token, other, token]

@@ -75,7 +75,7 @@ class RedactPrompt(Stage):
         if changed:
             collected.write_json_fields()
             exchange.mark_changed()
-            log.info("prompt_redacted", entities=dict(exchange.redaction_counts))
+            log.debug("prompt_redacted", entities=dict(exchange.redaction_counts))
 
     async def on_response(self, exchange: Exchange, completion: dict[str, Any]) -> dict[str, Any]:
         table = restore_table(exchange)

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
 from gateway import metrics
-from gateway.config import AnomalySettings, Settings
+from gateway.config import AnomalySettings, RedisSettings, Settings
 from gateway.errors import ServiceUnavailableError
 from gateway.log import get_logger
+from gateway.redis_client import open_redis
 
 METRICS = ("requests", "tokens", "errors", "violations", "redactions", "models")
 # Smallest spread per metric, so a perfectly steady baseline does not turn +1 into infinity.
@@ -285,10 +285,8 @@ class RedisStore:
 
     Each method sends its commands in one pipeline: one round trip per call."""
 
-    def __init__(self, url: str, timeout: float, prefix: str = "gateway:anomaly:") -> None:
-        self._redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
+    def __init__(self, settings: RedisSettings, prefix: str = "gateway:anomaly:") -> None:
+        self._redis = open_redis(settings)
         self._prefix = prefix
         self._ids = itertools.count()
 
@@ -378,10 +376,9 @@ def _text(value: Any) -> str:
 
 def open_store(settings: Settings) -> Store:
     """Redis when configured (shared by replicas), memory otherwise."""
-    url = settings.redis.url
-    if url is None:
+    if settings.redis.url is None:
         return MemoryStore()
-    return RedisStore(url.get_secret_value(), settings.redis.timeout)
+    return RedisStore(settings.redis)
 
 
 Emit = Callable[[Anomaly], None]

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
-from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError, WatchError
 
 from gateway.config import DEMO_HASH_KEY, ConfigError, RedisSettings, Settings
@@ -37,6 +36,7 @@ from gateway.errors import (
     ServiceUnavailableError,
 )
 from gateway.log import get_logger
+from gateway.redis_client import open_redis
 
 PREFIX = "gwk_"
 KEY_SHAPE = re.compile(r"^gwk_[A-Za-z0-9_-]{43}$")
@@ -354,40 +354,13 @@ class FileKeyStore(_Store):
         return {r.id: r for r in records}
 
 
-def open_redis(settings: RedisSettings, read_timeout: float | None) -> Redis:
-    """A standalone or Sentinel-managed client with the configured AUTH and TLS."""
+def _open_client(settings: RedisSettings, read_timeout: float | None) -> Redis:
+    """A standalone or Sentinel-managed client (pub/sub needs one node) with AUTH and TLS."""
     if settings.mode == "cluster":
         raise ConfigError("redis.mode", ["the API key store needs standalone or sentinel Redis"])
-    options: dict[str, Any] = {
-        "socket_timeout": read_timeout, "socket_connect_timeout": settings.connect_timeout,
-        "decode_responses": True, "db": settings.db,
-    }  # fmt: skip
-    if settings.username:
-        options["username"] = settings.username
-    if settings.password:
-        options["password"] = settings.password.get_secret_value()
-    url = settings.url.get_secret_value() if settings.url else ""
-    if settings.tls or url.startswith("rediss://"):
-        options["ssl"] = True
-        options["ssl_cert_reqs"] = "required" if settings.tls_verify else "none"
-        options["ssl_check_hostname"] = settings.tls_verify
-        if settings.tls_ca_file is not None:
-            options["ssl_ca_certs"] = str(settings.tls_ca_file)
-        if settings.tls_cert_file is not None and settings.tls_key_file is not None:
-            options["ssl_certfile"] = str(settings.tls_cert_file)
-            options["ssl_keyfile"] = str(settings.tls_key_file)
-    if settings.mode == "sentinel":
-        hosts = [(h.rpartition(":")[0], int(h.rpartition(":")[2])) for h in settings.sentinels]
-        password = settings.sentinel_password
-        sentinel_options = {"password": password.get_secret_value() if password else None,
-                            "socket_timeout": settings.timeout}  # fmt: skip
-        sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_options, **options)  # type: ignore[no-untyped-call]
-        client: Redis = sentinel.master_for(settings.sentinel_master)
-        return client
-    options.pop("ssl", None)
-    if settings.tls and url.startswith("redis://"):
-        url = "rediss://" + url.removeprefix("redis://")
-    return Redis.from_url(url, **options)
+    client = open_redis(settings, socket_timeout=read_timeout, decode_responses=True)
+    assert isinstance(client, Redis)  # noqa: S101 - cluster was refused above
+    return client
 
 
 @contextlib.contextmanager
@@ -410,9 +383,9 @@ class RedisKeyStore(_Store):
         self, settings: RedisSettings, hash_key: bytes, cache_seconds: float, clock: Clock
     ) -> None:
         super().__init__(hash_key, clock)
-        self._redis = open_redis(settings, settings.timeout)
+        self._redis = _open_client(settings, settings.timeout)
         # Subscriptions block on reads, so they get their own client without a read timeout.
-        self._listener = open_redis(settings, None)
+        self._listener = _open_client(settings, None)
         self._cache_seconds = cache_seconds
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}
         self._generation = 0

@@ -16,12 +16,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from gateway import metrics
@@ -43,6 +37,7 @@ from gateway.limits import (
     script_arguments,
 )
 from gateway.log import get_logger
+from gateway.redis_client import open_redis
 
 log = get_logger("gateway.limiter")
 
@@ -111,53 +106,6 @@ def _unavailable(exc: BaseException) -> ServiceUnavailableError:
     return ServiceUnavailableError(
         "The rate limiter's store is unavailable, so the request was refused. Try again shortly."
     )
-
-
-def open_redis(settings: RedisSettings) -> Redis | RedisCluster:
-    """A client for the configured topology; it connects lazily, on first use."""
-    options = _client_options(settings)
-    url = settings.url.get_secret_value() if settings.url else "redis://127.0.0.1:6379/0"
-    if settings.tls and url.startswith("redis://"):
-        url = "rediss://" + url.removeprefix("redis://")
-    if settings.mode == "cluster":
-        return RedisCluster.from_url(url, **options)
-    if settings.mode == "sentinel":
-        hosts = [(h.rpartition(":")[0], int(h.rpartition(":")[2])) for h in settings.sentinels]
-        secret = settings.sentinel_password
-        password = secret.get_secret_value() if secret else None
-        sentinel_options = {"socket_timeout": settings.timeout, "ssl": settings.tls,
-                            "password": password}  # fmt: skip
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            hosts, sentinel_kwargs=sentinel_options, ssl=settings.tls, **options
-        )
-        client: Redis = sentinel.master_for(settings.sentinel_master, db=settings.db)
-        return client
-    return Redis.from_url(url, db=settings.db, **options)
-
-
-def _client_options(settings: RedisSettings) -> dict[str, Any]:
-    options: dict[str, Any] = {
-        "socket_timeout": settings.timeout,
-        "socket_connect_timeout": settings.connect_timeout,
-        # One immediate retry on a broken connection (a pooled socket from before a Redis
-        # restart); timeouts are not retried: the breaker decides about a slow Redis.
-        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        "max_connections": settings.max_connections,
-    }
-    if settings.username:
-        options["username"] = settings.username
-    if settings.password:
-        options["password"] = settings.password.get_secret_value()
-    url = settings.url.get_secret_value() if settings.url else ""
-    if settings.tls or url.startswith("rediss://"):
-        options["ssl_cert_reqs"] = "required" if settings.tls_verify else "none"
-        options["ssl_check_hostname"] = settings.tls_verify
-        for name, path in (("ssl_ca_certs", settings.tls_ca_file),
-                           ("ssl_certfile", settings.tls_cert_file),
-                           ("ssl_keyfile", settings.tls_key_file)):  # fmt: skip
-            if path is not None:
-                options[name] = str(path)
-    return options
 
 
 class Breaker:

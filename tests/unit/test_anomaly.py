@@ -18,7 +18,7 @@ from gateway.anomaly import (
     RedisStore,
     fold,
 )
-from gateway.config import AnomalySettings
+from gateway.config import AnomalySettings, RedisSettings
 from gateway.errors import ServiceUnavailableError
 from tests.conftest import free_port
 
@@ -43,7 +43,8 @@ def store_url(request) -> str | None:
 
 @pytest.fixture
 async def store(store_url):
-    chosen = MemoryStore() if store_url is None else RedisStore(store_url, 1.0)
+    settings = RedisSettings(url=store_url, timeout=1.0)
+    chosen = MemoryStore() if store_url is None else RedisStore(settings)
     yield chosen
     await chosen.close()
 
@@ -184,7 +185,7 @@ async def test_submit_never_waits_and_a_full_queue_drops_and_counts():
 
 
 async def test_redis_errors_are_translated_and_the_consumer_keeps_going():
-    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", 0.2)
+    store = RedisStore(RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0", timeout=0.2))
     detector, raised = detector_with(store)
     with pytest.raises(ServiceUnavailableError):
         await detector.observe(request(T0, "ps_alice", "acme"))
@@ -198,7 +199,7 @@ async def test_redis_errors_are_translated_and_the_consumer_keeps_going():
 
 
 async def test_replicas_sharing_redis_share_baselines_and_cooldowns(redis_server):
-    stores = [RedisStore(redis_server.url, 1.0), RedisStore(redis_server.url, 1.0)]
+    stores = [RedisStore(RedisSettings(url=redis_server.url, timeout=1.0)) for _ in range(2)]
     raised: list[Anomaly] = []
     replicas = [AnomalyDetector(AnomalySettings(min_history=5), s, raised.append) for s in stores]
     for minute in range(10):  # each replica sees every other request

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 DONE = "[DONE]"
@@ -16,10 +16,14 @@ DONE = "[DONE]"
 
 @dataclass(frozen=True, slots=True)
 class SseEvent:
-    """One event: `data` is the joined data lines, `event` the optional event name."""
+    """One event: `data` is the joined data lines, `event` the optional event name.
+
+    `raw` is set by the parser when the received bytes are exactly what `encode` would
+    write, so an event passed on unchanged is written without encoding it again."""
 
     data: str
     event: str | None = None
+    raw: bytes | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_done(self) -> bool:
@@ -29,6 +33,8 @@ class SseEvent:
         return json.loads(self.data)
 
     def encode(self) -> bytes:
+        if self.raw is not None:
+            return self.raw
         head = f"event: {self.event}\n" if self.event else ""
         if "\n" not in self.data:  # the usual case: one data line
             return f"{head}data: {self.data}\n\n".encode()
@@ -54,6 +60,10 @@ class SseParser:
     def feed(self, chunk: bytes) -> Iterator[SseEvent]:
         self._buffer += chunk
         while True:
+            event = self._take_simple_event()
+            if event is not None:
+                yield event
+                continue
             cut = _line_end(self._buffer)
             if cut is None:
                 return
@@ -74,6 +84,22 @@ class SseParser:
         event = self._take_line("")
         if event is not None:
             yield event
+
+    def _take_simple_event(self) -> SseEvent | None:
+        """The usual event, one `data: ...` line and a blank line, taken whole when it
+        starts the buffer between events; its bytes are kept as `raw`."""
+        buffer = self._buffer
+        if self._data or self._event is not None or not buffer.startswith(b"data: "):
+            return None
+        end = buffer.find(b"\n\n")
+        if end == -1 or buffer.find(b"\n", 0, end) != -1 or buffer.find(b"\r", 0, end) != -1:
+            return None
+        try:
+            data = buffer[6:end].decode()
+        except UnicodeDecodeError:
+            return None
+        self._buffer = buffer[end + 2 :]
+        return SseEvent(data, None, buffer[: end + 2])
 
     def _take_line(self, line: str) -> SseEvent | None:
         if not line:

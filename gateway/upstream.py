@@ -248,12 +248,15 @@ async def _read_events(
     """Yields events as they arrive; an idle gap or the total deadline (aiohttp's) ends it
     with 504."""
     parser = SseParser()
+    content = response.content
     idle = target.settings.timeouts.idle
     timings = exchange.timings
     while True:
         try:
-            async with asyncio.timeout(idle):
-                chunk = await response.content.readany()
+            chunk = content.read_nowait()  # what already arrived needs no timer
+            if not chunk and not content.at_eof():
+                async with asyncio.timeout(idle):
+                    chunk = await content.readany()
         except TimeoutError as exc:
             raise _count(target, "timeout", UpstreamTimeoutError(_idle_message(target))) from exc
         except aiohttp.ClientError as exc:

@@ -48,3 +48,19 @@ def test_encode_round_trips():
     assert parse([wire]) == events
     assert events[2].is_done and not events[0].is_done
     assert events[1].json() == {"k": "v"}
+
+
+def test_plain_events_keep_their_wire_bytes_for_pass_through():
+    wire = b'data: {"a": 1}\n\n'
+    (event,) = parse([wire])
+    assert event.raw == wire and event.encode() == wire
+    (named,) = parse([b"event: x\ndata: y\n\n"])
+    assert named.raw is None and named.encode() == b"event: x\ndata: y\n\n"
+    split = parse([wire[:5], wire[5:]])
+    assert split == [event] and split[0].encode() == wire
+
+
+def test_changed_events_are_encoded_again():
+    (event,) = parse([b"data: old\n\n"])
+    changed = SseEvent("new", event.event)
+    assert changed.raw is None and changed.encode() == b"data: new\n\n"

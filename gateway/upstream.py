@@ -59,13 +59,25 @@ class Target:
 
 
 def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
-    """The timeouts aiohttp enforces: connect, and the total deadline, which also covers
-    reading the body or stream. `ceil_threshold=inf` keeps deadlines exact (aiohttp would
-    otherwise round long ones up to the next second)."""
+    """The timeouts aiohttp enforces: connect, the total deadline (which also covers reading
+    the body or stream), and the longest silence on the socket, max(first_byte, idle).
+
+    Whichever of first_byte and idle is the larger is thus enforced by aiohttp for free; only
+    the smaller needs a timer of ours (`own_first_byte_timer`, `own_idle_timer`).
+    `ceil_threshold=inf` keeps deadlines exact (aiohttp would round long ones up a second).
+    """
     return aiohttp.ClientTimeout(
         total=timeouts.total, connect=timeouts.connect, sock_connect=timeouts.connect,
-        ceil_threshold=math.inf,
+        sock_read=max(timeouts.first_byte, timeouts.idle), ceil_threshold=math.inf,
     )  # fmt: skip
+
+
+def own_first_byte_timer(timeouts: Timeouts) -> bool:
+    return timeouts.first_byte < min(timeouts.idle, timeouts.total)
+
+
+def own_idle_timer(timeouts: Timeouts) -> bool:
+    return timeouts.idle < timeouts.first_byte
 
 
 class UpstreamClient:
@@ -137,11 +149,14 @@ class UpstreamClient:
         exchange.provider = target.name
         exchange.timings.upstream_sent = time.perf_counter()
         try:
-            # The first-byte limit is ours; aiohttp's total deadline runs on to the last byte.
-            async with asyncio.timeout(min(timeouts.first_byte, timeouts.total)):
-                response = await self._session.post(
-                    url, data=data, headers=headers, timeout=self._timeouts[target.name]
-                )
+            request = self._session.post(
+                url, data=data, headers=headers, timeout=self._timeouts[target.name]
+            )
+            if own_first_byte_timer(timeouts):
+                async with asyncio.timeout(timeouts.first_byte):
+                    response = await request
+            else:  # aiohttp's socket read timeout is exactly first_byte here
+                response = await request
         except TimeoutError as exc:
             raise _count(target, "timeout", UpstreamTimeoutError(_timeout_message(target))) from exc
         except aiohttp.ClientError as exc:
@@ -249,7 +264,8 @@ async def _read_events(
     with 504."""
     parser = SseParser()
     content = response.content
-    idle = target.settings.timeouts.idle
+    timeouts = target.settings.timeouts
+    idle = timeouts.idle if own_idle_timer(timeouts) else None  # else aiohttp's socket timeout
     timings = exchange.timings
     while True:
         try:

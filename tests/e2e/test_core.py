@@ -331,3 +331,35 @@ async def test_responses_stream_failure_raises_in_the_sdk(gateway, provider):
             kinds.append(event.type)
     assert kinds[-1] == "response.output_text.delta"
     assert caught.value.code == "upstream_unavailable"
+
+
+@pytest.mark.parametrize(
+    "timeouts", [{"first_byte": 0.2, "idle": 0.1}, {"first_byte": 0.2, "idle": 5}]
+)  # the larger of the two is enforced by aiohttp's socket timeout, the smaller by a timer
+async def test_first_byte_limit_holds_whichever_enforces_it(provider, start_gateway, timeouts):
+    config = base_config(provider)
+    config["providers"]["fake"]["timeouts"] = timeouts
+    gw = await start_gateway(config)
+    provider.fail(Fault(hang=True))
+    with pytest.raises(openai.InternalServerError) as caught:
+        await gw.client().chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    assert caught.value.status_code == 504
+
+
+@pytest.mark.parametrize(
+    "timeouts", [{"first_byte": 0.1, "idle": 0.2}, {"first_byte": 5, "idle": 0.2}]
+)
+async def test_idle_limit_holds_whichever_enforces_it(provider, start_gateway, timeouts):
+    config = base_config(provider)
+    config["providers"]["fake"]["timeouts"] = timeouts
+    gw = await start_gateway(config)
+    provider.control.settings = provider.control.settings.model_copy(
+        update={"chunk_delay_ms": 1000}
+    )
+    stream = await gw.client().chat.completions.create(
+        model="gpt-4o-mini", messages=HELLO, stream=True
+    )
+    with pytest.raises(openai.APIError) as caught:
+        async for _ in stream:
+            pass
+    assert caught.value.code == "upstream_timeout"

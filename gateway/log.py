@@ -58,6 +58,27 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
         logger_factory=structlog.WriteLoggerFactory(_STREAM),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
+    _route_library_logs()
+
+
+class _LibraryRecords(logging.Handler):
+    """Records of libraries that log through the standard library (aiohttp, asyncio) become
+    one JSON event naming the logger, level and exception type, never their text: aiohttp's
+    server logger quotes the first bytes of a malformed request line or header, which can be a
+    credential, and a traceback is no log line for a SIEM."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        kind = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else None
+        get_logger(record.name).log(
+            record.levelno, "library_log_record", source=record.name, error_type=kind
+        )
+
+
+def _route_library_logs() -> None:
+    root = logging.getLogger()
+    if not any(isinstance(handler, _LibraryRecords) for handler in root.handlers):
+        root.addHandler(_LibraryRecords())
+    root.setLevel(logging.WARNING)
 
 
 def get_logger(name: str) -> Any:

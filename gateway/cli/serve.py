@@ -24,6 +24,7 @@ from gateway.log import configure_logging, get_logger
 from gateway.routes import DRAINING
 
 log = get_logger("gateway.serve")
+MAX_HEADER_BYTES = 32 * 1024
 DRAIN_GRACE = 2.0
 """Seconds past the worst-case drain after which a stuck process exits anyway."""
 
@@ -111,8 +112,11 @@ async def serve(settings: Settings, *, parent_pid: int | None = None) -> None:
     server = settings.server
     app = create_app(settings)
     runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=server.shutdown_timeout
-    )
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=server.shutdown_timeout,
+        # Room for headers up to MAX_HEADER_BYTES, so an oversized token reaches the gateway's
+        # own check (a clean 401) instead of aiohttp's parser.
+        max_field_size=MAX_HEADER_BYTES, max_line_size=MAX_HEADER_BYTES,
+    )  # fmt: skip
     await runner.setup()
     site = web.TCPSite(runner, server.host, server.port, reuse_port=server.workers > 1)
     await site.start()

@@ -363,3 +363,13 @@ async def test_idle_limit_holds_whichever_enforces_it(provider, start_gateway, t
         async for _ in stream:
             pass
     assert caught.value.code == "upstream_timeout"
+
+
+async def test_oversized_header_never_reaches_a_log_line(gateway, log_buffer):
+    secret = "sk-" + "Q" * 9000  # beyond aiohttp's default header limit in this test server
+    async with aiohttp.ClientSession() as http:
+        response = await http.get(gateway.url + "/v1/models", headers={"X-Api-Key": secret})
+        assert response.status == 400
+    logged = log_buffer.getvalue()
+    assert "library_log_record" in logged  # aiohttp's own error became one JSON event
+    assert "QQQQ" not in logged and "Traceback" not in logged

@@ -21,7 +21,7 @@ def opens(pattern: str, text: str, at: int) -> bool:
     [
         (r"\b(?:AK|AS)IA[0-9A-Z]{16}\b", "AK" + "IA" + "Q7" * 8),
         (r"\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,200}\b", "sk-" + "proj-" + "x" * 30),
-        (r"-----BEGIN[A-Z ]{0,20}PRIVATE[ ]KEY-----", "-----BEGIN RSA PRIVATE KEY-----"),
+        (r"-----BEGIN[A-Z ]{0,20}PRIVATE[ ]KEY-----", "-----BEGIN RSA " + "PRIVATE KEY-----"),
         (r"\b\d{4}(?:[ -]?\d{3,4}){2,3}(?:[ -]?\d{1,3})?\b", "4111 1111 1111 1111"),
         (r"(?i)ticket-(?:\d+|x)", "TICKET-42"),
         (r"a.c(?s:.)$", "abc\n"),

@@ -84,35 +84,37 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     schema.set_defaults(run=run_schema)
 
 
-def run_lint(args: argparse.Namespace) -> int:
+def _checked(directory: Path) -> tuple[list[tuple[str, str]], list[Policy]] | None:
+    """The directory's files and policies, or None after printing every problem (file:line)."""
     try:
-        files = read_directory(args.directory)
+        files = read_directory(directory)
     except (PolicyError, OSError) as error:
-        print(f"{args.directory}: {error}", file=sys.stderr)
-        return 1
+        print(f"{directory}: {error}", file=sys.stderr)
+        return None
     policies, problems = check_files(files)
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:
-        print(f"{len(problems)} problem(s) in {args.directory}", file=sys.stderr)
+        print(f"{len(problems)} problem(s) in {directory}", file=sys.stderr)
+        return None
+    return files, policies
+
+
+def run_lint(args: argparse.Namespace) -> int:
+    checked = _checked(args.directory)
+    if checked is None:
         return 1
     loaded = load_policies(args.directory)
-    print(f"{args.directory}: {len(policies)} policies, {loaded.rule_count} rules, ok "
+    print(f"{args.directory}: {len(checked[1])} policies, {loaded.rule_count} rules, ok "
           f"({loaded.hash})")  # fmt: skip
     return 0
 
 
 def run_test(args: argparse.Namespace) -> int:
-    try:
-        files = read_directory(args.directory)
-    except (PolicyError, OSError) as error:
-        print(f"{args.directory}: {error}", file=sys.stderr)
+    checked = _checked(args.directory)
+    if checked is None:
         return 1
-    policies, problems = check_files(files)
-    for problem in problems:
-        print(problem, file=sys.stderr)
-    if problems:
-        return 1
+    files, policies = checked
     failures = asyncio.run(_run_tests(files, policies))
     for failure in failures:
         print(failure, file=sys.stderr)

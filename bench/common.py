@@ -191,14 +191,32 @@ def run_python(
     count: int = 0,
     duration: float = 0.0,
     stream: bool = False,
+    headers: dict[str, str] | None = None,
 ) -> RunResult:
-    """Runs the aiohttp load generator in its own process; CPU is read around the measured part."""
+    """Runs the aiohttp load generator in its own process; CPU is read around the measured part.
+
+    `headers` are added to (or replace) the default JSON and Authorization headers."""
     with tempfile.NamedTemporaryFile(suffix=".json") as body_file:
         body_file.write(body)
         body_file.flush()
-        argv = [sys.executable, __file__, "loadgen", "--url", url, "--body-file", body_file.name,
-                "--concurrency", str(concurrency), "--count", str(count),
-                "--duration", str(duration)] + (["--stream"] if stream else [])  # fmt: skip
+        argv = [
+            sys.executable,
+            __file__,
+            "loadgen",
+            "--url",
+            url,
+            "--body-file",
+            body_file.name,
+            "--concurrency",
+            str(concurrency),
+            "--count",
+            str(count),
+            "--duration",
+            str(duration),
+            "--headers",
+            json.dumps(headers or {}),
+        ]
+        argv += ["--stream"] if stream else []
         with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as child:
             assert child.stdin is not None and child.stdout is not None
             if child.stdout.readline().strip() != b"ready":
@@ -218,11 +236,12 @@ async def _loadgen(args: argparse.Namespace, body: bytes) -> None:
     import aiohttp
 
     connector = aiohttp.TCPConnector(limit=args.concurrency)
+    sent = {**JSON_HEADERS, **json.loads(args.headers)}
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def one() -> float:
             started = time.perf_counter()
-            async with session.post(args.url, data=body, headers=JSON_HEADERS) as response:
+            async with session.post(args.url, data=body, headers=sent) as response:
                 if args.stream:
                     await response.content.readany()
                     first = time.perf_counter()
@@ -331,6 +350,7 @@ def main() -> None:
     loadgen.add_argument("--count", type=int, default=0)
     loadgen.add_argument("--duration", type=float, default=0.0)
     loadgen.add_argument("--stream", action="store_true")
+    loadgen.add_argument("--headers", default="{}", help="JSON object of extra headers")
     args = parser.parse_args()
     install_uvloop()
     asyncio.run(_loadgen(args, Path(args.body_file).read_bytes()))

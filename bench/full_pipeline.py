@@ -44,6 +44,7 @@ from common import (
     percentile,
     print_table,
     ratio,
+    run_python,
     start_server,
 )
 from faker import Faker
@@ -200,36 +201,11 @@ def token(secret: str) -> str:
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
-_LOADGEN = (
-    "import json, sys; sys.path.insert(0, sys.argv[1]); import common; "
-    "common.JSON_HEADERS.update(json.loads(sys.argv[2])); "
-    "sys.argv = [sys.argv[1] + '/common.py'] + sys.argv[3:]; common.main()"
-)
-
-
 def run_load(url: str, body: bytes, headers: dict[str, str], *, concurrency: int,
              watch: list[Any], count: int = 0, duration: float = 0.0) -> RunResult:  # fmt: skip
     """bench/common.py's load generator in its own process, with our Authorization header."""
-    with tempfile.NamedTemporaryFile(suffix=".json") as body_file:
-        body_file.write(body)
-        body_file.flush()
-        argv = [sys.executable, "-c", _LOADGEN, str(Path(__file__).parent), json.dumps(headers),
-                "loadgen", "--url", url, "--body-file", body_file.name,
-                "--concurrency", str(concurrency), "--count", str(count),
-                "--duration", str(duration)]  # fmt: skip
-        with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as child:
-            assert child.stdin is not None and child.stdout is not None
-            if child.stdout.readline().strip() != b"ready":
-                raise RuntimeError(f"the load generator failed to warm up against {url}")
-            before = {s.name: s.cpu() for s in watch}
-            child.stdin.write(b"go\n")
-            child.stdin.flush()
-            line = child.stdout.readline()
-            cpu = {s.name: s.cpu() - before[s.name] for s in watch}
-            child.stdin.write(b"bye\n")
-            child.stdin.flush()
-    data = json.loads(line)
-    return RunResult(data["requests"], data["errors"], data["elapsed"], data["latencies"], cpu)
+    return run_python(url, body, concurrency=concurrency, watch=watch, count=count,
+                      duration=duration, headers=headers)  # fmt: skip
 
 
 # --- the run -------------------------------------------------------------------------------

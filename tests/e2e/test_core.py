@@ -192,16 +192,6 @@ async def test_unreachable_provider_is_502(provider, start_gateway):
     assert PROVIDER_KEY not in caught.value.message
 
 
-async def test_slow_provider_is_504(provider, start_gateway):
-    config = base_config(provider)
-    config["providers"]["fake"]["timeouts"] = {"first_byte": 0.2}
-    gw = await start_gateway(config)
-    provider.fail(Fault(hang=True))
-    with pytest.raises(openai.InternalServerError) as caught:
-        await gw.client().chat.completions.create(model="gpt-4o-mini", messages=HELLO)
-    assert caught.value.status_code == 504
-
-
 async def test_upstream_429_passes_through_with_its_body(gateway, provider):
     body = {"error": {"message": "slow down", "type": "requests", "param": None,
                       "code": "rate_limit_exceeded"}}  # fmt: skip
@@ -272,22 +262,6 @@ async def test_provider_dying_mid_stream_gives_one_error_event(gateway, provider
     assert "closed the stream" in caught.value.message
 
 
-async def test_idle_stream_times_out_with_an_error_event(provider, start_gateway):
-    config = base_config(provider)
-    config["providers"]["fake"]["timeouts"] = {"idle": 0.2}
-    gw = await start_gateway(config)
-    provider.control.settings = provider.control.settings.model_copy(
-        update={"chunk_delay_ms": 1000}
-    )
-    stream = await gw.client().chat.completions.create(
-        model="gpt-4o-mini", messages=HELLO, stream=True
-    )
-    with pytest.raises(openai.APIError) as caught:
-        async for _ in stream:
-            pass
-    assert caught.value.code == "upstream_timeout"
-
-
 async def test_client_disconnect_cancels_the_upstream_stream(gateway, provider):
     provider.control.settings = provider.control.settings.model_copy(update={"chunk_delay_ms": 50})
     provider.reply("x" * 400, chunks=["x"] * 400)
@@ -334,7 +308,8 @@ async def test_responses_stream_failure_raises_in_the_sdk(gateway, provider):
 
 
 @pytest.mark.parametrize(
-    "timeouts", [{"first_byte": 0.2, "idle": 0.1}, {"first_byte": 0.2, "idle": 5}]
+    "timeouts",
+    [{"first_byte": 0.2}, {"first_byte": 0.2, "idle": 0.1}, {"first_byte": 0.2, "idle": 5}],
 )  # the larger of the two is enforced by aiohttp's socket timeout, the smaller by a timer
 async def test_first_byte_limit_holds_whichever_enforces_it(provider, start_gateway, timeouts):
     config = base_config(provider)
@@ -347,7 +322,7 @@ async def test_first_byte_limit_holds_whichever_enforces_it(provider, start_gate
 
 
 @pytest.mark.parametrize(
-    "timeouts", [{"first_byte": 0.1, "idle": 0.2}, {"first_byte": 5, "idle": 0.2}]
+    "timeouts", [{"idle": 0.2}, {"first_byte": 0.1, "idle": 0.2}, {"first_byte": 5, "idle": 0.2}]
 )
 async def test_idle_limit_holds_whichever_enforces_it(provider, start_gateway, timeouts):
     config = base_config(provider)

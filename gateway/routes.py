@@ -74,7 +74,7 @@ def request_id_of(request: web.Request) -> str:
 async def proxy(request: web.Request) -> web.StreamResponse:
     endpoint = PROXY_ENDPOINTS[request.path]
     raw = await request.read()
-    body = _parse_body(raw)
+    body = parse_json_object(raw)
     _validate(endpoint, body)
     exchange = _new_exchange(request, endpoint, raw, body)
     exchange.model = body["model"]
@@ -121,7 +121,7 @@ def _new_exchange(
         method=request.method,
         path=request.path,
         headers=request.headers,
-        client_address=_client_address(request),
+        client_address=client_address(request),
         raw_body=raw,
         body=body,
     )
@@ -139,11 +139,12 @@ def refused_exchange(request: web.Request) -> Exchange:
         method=request.method,
         path=request.path,
         headers=request.headers,
-        client_address=_client_address(request),
+        client_address=client_address(request),
     )
 
 
-def _client_address(request: web.Request) -> str:
+def client_address(request: web.Request) -> str:
+    """The caller's address: the first X-Forwarded-For hop when configured to trust it."""
     if request.app[SETTINGS].server.trust_forwarded_for:
         forwarded = request.headers.get("x-forwarded-for", "")
         if forwarded:
@@ -151,7 +152,8 @@ def _client_address(request: web.Request) -> str:
     return request.remote or ""
 
 
-def _parse_body(raw: bytes) -> dict[str, Any]:
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or `InvalidRequestError` (400) saying how to send one."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

@@ -18,7 +18,7 @@ from gateway.credentials import TokenVerifier
 from gateway.errors import InvalidRequestError, PermissionDeniedError
 from gateway.exchange import Principal
 from gateway.keystore import KeySpec, KeyStore, parse_duration, parse_names
-from gateway.routes import PIPELINE, _client_address
+from gateway.routes import PIPELINE, client_address, parse_json_object
 from gateway.stages.authenticate import Authenticate
 
 KEY_STORE = web.AppKey("key_store", KeyStore)
@@ -37,7 +37,7 @@ def add_admin_routes(app: web.Application) -> None:
 
 async def create_key(request: web.Request) -> web.Response:
     actor, store = await _admin(request, "create")
-    record, secret = await store.create(_spec(await _body(request)))
+    record, secret = await store.create(_spec(parse_json_object(await request.read())))
     _audit("admin_key_created", actor, record.id)
     return _json({"key": secret, **record.public(time.time())}, status=201)
 
@@ -66,7 +66,7 @@ async def revoke_key(request: web.Request) -> web.Response:
 
 async def rotate_key(request: web.Request) -> web.Response:
     actor, store = await _admin(request, "rotate")
-    body = await _body(request) if request.can_read_body else {}
+    body = parse_json_object(await request.read()) if request.can_read_body else {}
     grace = _duration(body.get("grace", DEFAULT_GRACE), "grace")
     record, secret = await store.rotate(request.match_info["key_id"], grace)
     _audit("admin_key_rotated", actor, record.id, grace_seconds=grace)
@@ -82,7 +82,7 @@ async def _admin(request: web.Request, action: str) -> tuple[Principal, KeyStore
             "The admin API is off because authentication is disabled (auth.mode).",
             code="admin_disabled",
         )
-    principal = await stage.identify(request.headers, _client_address(request))
+    principal = await stage.identify(request.headers, client_address(request))
     if stage.admin_role not in principal.roles:
         emit_security_event(
             "admin_denied", category="iam", outcome="failure",
@@ -104,16 +104,6 @@ def _audit(event: str, actor: Principal, key_id: str | None, **fields: Any) -> N
         fields={"gateway.actor_key_id": actor.key_id, "gateway.auth_method": actor.method,
                 "gateway.target_key_id": key_id, **{f"gateway.{k}": v for k, v in fields.items()}},
     )  # fmt: skip
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequestError("The request body must be a JSON object.") from exc
-    if not isinstance(body, dict):
-        raise InvalidRequestError("The request body must be a JSON object.")
-    return body
 
 
 def _spec(body: dict[str, Any]) -> KeySpec:

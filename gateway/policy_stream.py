@@ -9,7 +9,6 @@ its `Judge` does.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
@@ -105,7 +104,7 @@ class StreamFilter:
     async def _chunk(self, event: SseEvent) -> list[SseEvent]:
         if event.is_done:
             return [*await self._flush_choices(), event]
-        payload = _json(event)
+        payload = event.json_object()
         if payload is None or not payload.get("choices"):
             return [event]
         self._base = {k: payload[k] for k in ("id", "object", "created", "model") if k in payload}
@@ -162,7 +161,7 @@ class StreamFilter:
     # -- responses -------------------------------------------------------------------------------
 
     async def _responses_event(self, event: SseEvent) -> list[SseEvent]:
-        payload = _json(event)
+        payload = event.json_object()
         if payload is None:
             return [event]
         kind = payload.get("type")
@@ -239,13 +238,3 @@ def _finish_reason(blocked: Finding | None) -> str:
     if blocked is not None and blocked.rule.kind == "max_length" and blocked.effect == "redact":
         return "length"
     return "content_filter"
-
-
-def _json(event: SseEvent) -> dict[str, Any] | None:
-    if event.is_done:
-        return None
-    try:
-        payload = json.loads(event.data)
-    except ValueError:
-        return None
-    return payload if isinstance(payload, dict) else None

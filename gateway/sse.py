@@ -32,6 +32,16 @@ class SseEvent:
     def json(self) -> Any:
         return json.loads(self.data)
 
+    def json_object(self) -> dict[str, Any] | None:
+        """The data as a JSON object; None for `[DONE]`, non-JSON or another JSON type."""
+        if self.is_done:
+            return None
+        try:
+            payload = json.loads(self.data)
+        except ValueError:
+            return None
+        return payload if isinstance(payload, dict) else None
+
     def encode(self) -> bytes:
         if self.raw is not None:
             return self.raw

@@ -242,11 +242,8 @@ class _Meter:
     def feed(self, event: SseEvent) -> list[SseEvent]:
         if event.is_done:
             return [event]
-        try:
-            payload = event.json()
-        except ValueError:
-            return [event]
-        if not isinstance(payload, dict):
+        payload = event.json_object()
+        if payload is None:
             return [event]
         if self.exchange.endpoint == "responses":
             return self._responses_event(event, payload)

@@ -193,11 +193,8 @@ class StreamRestorer:
         return self._channels[key]
 
     def _event(self, event: SseEvent) -> list[SseEvent]:
-        try:
-            payload = event.json()
-        except ValueError:
-            return [event]
-        if not isinstance(payload, dict):
+        payload = event.json_object()
+        if payload is None:
             return [event]
         kind = payload.get("type")
         if isinstance(kind, str) and kind.startswith("response."):

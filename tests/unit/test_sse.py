@@ -64,3 +64,11 @@ def test_changed_events_are_encoded_again():
     (event,) = parse([b"data: old\n\n"])
     changed = SseEvent("new", event.event)
     assert changed.raw is None and changed.encode() == b"data: new\n\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [('{"a": 1}', {"a": 1}), ("[DONE]", None), ("not json", None), ("[1, 2]", None)],
+)
+def test_json_object_is_the_payload_or_none(data, expected):
+    assert SseEvent(data).json_object() == expected

@@ -45,18 +45,25 @@ class Stage:
         """Runs once the client has its answer or error, for every stage whose request hook ran."""
 
 
-def _overrides(stage: Stage, hook: str) -> bool:
-    return getattr(type(stage), hook) is not getattr(Stage, hook)
-
-
 class Pipeline:
-    """Runs an exchange through `stages` around `forward` (the provider call)."""
+    """Runs an exchange through `stages` around `forward` (the provider call).
+
+    A hook a stage does not override is not called at all: the default would only pass
+    through, and each call costs a coroutine and a timing on every request.
+    """
 
     def __init__(self, stages: Sequence[Stage], forward: Forward) -> None:
         self.stages = tuple(stages)
         self._forward = forward
-        self._response_stages = {s for s in self.stages if _overrides(s, "on_response")}
-        self._stream_stages = {s for s in self.stages if _overrides(s, "on_stream")}
+        self._timers = {
+            (stage, hook): metrics.STAGE_SECONDS.labels(stage.name, hook)
+            for stage in self.stages
+            for hook in ("request", "response", "complete")
+        }
+        self._request_stages = _overriding(self.stages, "on_request")
+        self._response_stages = _overriding(self.stages, "on_response")
+        self._stream_stages = _overriding(self.stages, "on_stream")
+        self._complete_stages = _overriding(self.stages, "on_complete")
 
     async def run(self, exchange: Exchange, respond: Callable[[Reply], Awaitable[None]]) -> None:
         """Passes the request through every stage, calls the provider, and hands the
@@ -65,7 +72,8 @@ class Pipeline:
         try:
             for stage in self.stages:
                 ran.append(stage)
-                await _timed(stage, "request", stage.on_request(exchange))
+                if stage in self._request_stages:
+                    await self._timed(stage, "request", stage.on_request(exchange))
             reply = await self._forward(exchange)
             exchange.status = reply.status
             await respond(await self._wrap(exchange, reply, ran))
@@ -81,7 +89,8 @@ class Pipeline:
             if exchange.status == 0:
                 exchange.status = 499  # the client went away before an answer
             for stage in reversed(ran):
-                await _timed(stage, "complete", stage.on_complete(exchange))
+                if stage in self._complete_stages:
+                    await self._timed(stage, "complete", stage.on_complete(exchange))
 
     async def _wrap(self, exchange: Exchange, reply: Reply, ran: list[Stage]) -> Reply:
         if isinstance(reply, StreamReply):
@@ -96,9 +105,22 @@ class Pipeline:
             return reply
         completion = _parse_completion(reply)
         for stage in wanted:
-            completion = await _timed(stage, "response", stage.on_response(exchange, completion))
+            completion = await self._timed(
+                stage, "response", stage.on_response(exchange, completion)
+            )
         reply.body = completion
         return reply
+
+    async def _timed(self, stage: Stage, hook: str, call: Awaitable[_T]) -> _T:
+        started = time.perf_counter()
+        try:
+            return await call
+        finally:
+            self._timers[stage, hook].observe(time.perf_counter() - started)
+
+
+def _overriding(stages: Sequence[Stage], hook: str) -> frozenset[Stage]:
+    return frozenset(s for s in stages if getattr(type(s), hook) is not getattr(Stage, hook))
 
 
 def _parse_completion(reply: JsonReply) -> dict[str, Any]:
@@ -111,11 +133,3 @@ def _parse_completion(reply: JsonReply) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise UpstreamError("The provider answered with JSON that is not an object.")
     return body
-
-
-async def _timed(stage: Stage, hook: str, call: Awaitable[_T]) -> _T:
-    started = time.perf_counter()
-    try:
-        return await call
-    finally:
-        metrics.STAGE_SECONDS.labels(stage.name, hook).observe(time.perf_counter() - started)

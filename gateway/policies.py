@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from gateway.exchange import PolicyDecision, Principal
+from gateway.injection import InjectionSignals, compile_injection, injection_score
 
 # Loading lives in policy_loader; its names are re-exported for the callers of this module.
 from gateway.policy_loader import PolicyError as PolicyError
@@ -38,12 +39,9 @@ from gateway.policy_schema import (
 )
 from gateway.redaction_rules import RedactionRules
 from gateway.scanner import (
-    InjectionSignals,
     RuleKey,
     TextPattern,
     TextScanner,
-    compile_injection,
-    injection_score,
     pattern_opening,
     pattern_width,
     words_opening,
@@ -55,6 +53,7 @@ from gateway.stream_matcher import Effect, Release, Scanned, settle
 TextDirection = Literal["prompt", "completion"]
 DIRECTIONS: tuple[TextDirection, ...] = ("prompt", "completion")
 _SELECTIONS = 1024
+Rules = tuple[tuple[Policy, Any], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +161,7 @@ class PolicySet:
         self._scanners = {d: self._compile(d, hold_cap) for d in DIRECTIONS}
         self._injection = {(p.id, r.id): _signals(r) for p, r in self._of(InjectionRule)}
         self._selections: dict[tuple[Any, ...], Selection] = {}
+        self._chosen: dict[tuple[frozenset[str], type], Rules] = {}
 
     @property
     def rule_count(self) -> int:
@@ -220,8 +220,14 @@ class PolicySet:
                    if p.id in ids and _covers(r, direction)]  # fmt: skip
         return max(widths, default=1)
 
-    def rules_of(self, selection: Selection, kind: type) -> list[tuple[Policy, Any]]:
-        return [(p, r) for p, r in self._of(kind) if p.id in selection.ids]
+    def rules_of(self, selection: Selection, kind: type) -> Rules:
+        """The selected policies' rules of one kind (cached per distinct selection)."""
+        key = (selection.ids, kind)
+        if key not in self._chosen:
+            if len(self._chosen) >= _SELECTIONS:
+                self._chosen.clear()
+            self._chosen[key] = tuple((p, r) for p, r in self._of(kind) if p.id in selection.ids)
+        return self._chosen[key]
 
     def needs_entities(self) -> bool:
         return bool(self._of(EntitiesRule))
@@ -237,30 +243,35 @@ class PolicySet:
 
         A stream passes the text it released last as context before `fresh`, the start of the
         text not released yet: text rules search from there, and hold back only from the first
-        position where one of their matches could still be starting (`fresh=None`: whole text).
+        position where one of their matches could still be starting (`fresh=None`: a whole
+        text, all of it safe).
         """
         scanner = self._scanners[direction]
         scanned = scanner.scan(text, fresh or 0)
-        whole = fresh is None  # nothing follows: every match is final
+        whole = fresh is None  # nothing follows: every match is final, all of the text is safe
         opening = len(scanned.normalised.text) if whole else scanner.opening(scanned, selection.ids)
         findings = [
             Finding(policy, rule, hit.start, hit.end, hit.whole < opening)
             for hit in scanned.hits if hit.key[0] in selection.ids
             for policy, rule in [self._rules[hit.key]]
         ]  # fmt: skip
+        findings += await self._entities(selection, text, direction, finder)
+        if direction == "prompt":
+            findings += self._injections(selection, text, scanned.normalised.text)
+        elif canary:
+            findings += self._canary(selection, text, canary)
+        if whole:
+            return Scanned(findings, len(text))
         safe = scanned.normalised.index(opening)  # text rules hold back only where one may start
         holds = [r.max_match_chars for _, r in self._entity_rules(selection, direction)]
         safe = min(safe, len(text) - max(holds) + 1) if holds else safe  # entities: full width
-        findings += await self._entities(selection, text, direction, finder)
-        if direction == "prompt":
-            findings += self._injections(selection, text)
-        elif canary:
-            findings += self._canary(selection, text, canary)
+        if direction == "completion" and canary:
             safe = min(safe, _canary_opening(text, canary))
         return Scanned(findings, max(0, safe))
 
-    def _entity_rules(self, selection: Selection, direction: str) -> list[tuple[Policy, Any]]:
-        return [(p, r) for p, r in self.rules_of(selection, EntitiesRule) if _covers(r, direction)]
+    def _entity_rules(self, selection: Selection, direction: str) -> Rules:
+        rules = self.rules_of(selection, EntitiesRule)
+        return tuple((p, r) for p, r in rules if _covers(r, direction)) if rules else rules
 
     async def _entities(
         self, selection: Selection, text: str, direction: str, finder: EntityFinder | None
@@ -278,10 +289,10 @@ class PolicySet:
             if h.entity_type in r.entities and h.score >= r.min_score
         ]  # fmt: skip
 
-    def _injections(self, selection: Selection, text: str) -> list[Finding]:
+    def _injections(self, selection: Selection, text: str, folded: str) -> list[Finding]:
         found = []
         for policy, rule in self.rules_of(selection, InjectionRule):
-            score, signals = injection_score(text, self._injection[(policy.id, rule.id)])
+            score, signals = injection_score(text, self._injection[(policy.id, rule.id)], folded)
             if signals and score >= rule.threshold:
                 found.append(Finding(policy, rule, 0, len(text), True, ",".join(signals)))
         return found
@@ -294,7 +305,7 @@ class PolicySet:
             Finding(p, r, at, at + len(canary)) for p, r in self.rules_of(selection, CanaryRule)
         ]
 
-    def canary_rules(self, selection: Selection) -> list[tuple[Policy, CanaryRule]]:
+    def canary_rules(self, selection: Selection) -> tuple[tuple[Policy, CanaryRule], ...]:
         return self.rules_of(selection, CanaryRule)
 
     def length_findings(self, selection: Selection, total: int) -> list[Finding]:
@@ -317,7 +328,7 @@ class PolicySet:
             findings += self.length_findings(selection, len(text))
         return settle(text, findings, len(text), final=True)[1]
 
-    def request_rules(self, selection: Selection) -> list[tuple[Policy, RequestRule]]:
+    def request_rules(self, selection: Selection) -> tuple[tuple[Policy, RequestRule], ...]:
         return self.rules_of(selection, RequestRule)
 
 

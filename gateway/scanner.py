@@ -1,15 +1,14 @@
-"""Compiled text rules: normalisation, one RE2 set per direction, and injection heuristics.
+"""Compiled text rules: normalisation, and one RE2 set pass per direction.
 
 Owns turning regex and word rules into one `re2.Set` pass (plus a per-rule search only for the
 rules that hit), mapping matches back to the caller's text, the longest possible match of each
-rule, where near the end of a text a match could still be starting (so a stream holds back only
-that), and prompt-injection scoring. Must not know policies' scope, modes or the request path.
+rule, and where near the end of a text a match could still be starting (so a stream holds back
+only that). Must not know policies' scope, modes or the request path, nor score prompt
+injection (`gateway.injection` does, with the normalisation and word patterns from here).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import bisect
 import re
 import unicodedata
@@ -30,10 +29,6 @@ _SPACE = r"\s{1,8}"
 _UNBOUNDED = 65536
 _MAX_MEM = 128 << 20
 _OPENINGS = 256
-_HIDDEN = re2.compile(r"[\x{200B}-\x{200F}\x{2060}-\x{2064}\x{FEFF}\x{E0000}-\x{E007F}]")
-_TAGS = re2.compile(r"[\x{E0020}-\x{E007E}]+")
-_BASE64 = re2.compile(r"[A-Za-z0-9+/]{16,}={0,2}")
-_HEX = re2.compile(r"(?:[0-9a-fA-F]{2}){8,}")
 
 
 def re2_options() -> Any:
@@ -102,6 +97,15 @@ class Normalised:
         if self.origin is None:
             return min(index, len(self.text))
         return bisect.bisect_left(self.origin, index)
+
+
+def searchable(text: str) -> str | bytes:
+    """`text` as RE2 searches it fastest: ASCII as bytes, with the same positions.
+
+    The RE2 wrapper encodes a `str` to UTF-8 and maps every offset back to characters on each
+    call; ASCII bytes need neither, and UTF-8 bytes match exactly what the `str` would.
+    """
+    return text.encode("ascii") if text.isascii() else text
 
 
 def normalise(text: str) -> Normalised:
@@ -195,8 +199,9 @@ class TextScanner:
         hits: list[Hit] = []
         if not self._patterns:
             return Scan((), folded, start)
-        for index in self._set.Match(folded.text) or ():
-            hits.extend(self._hits(index, folded, start))
+        subject = searchable(folded.text)
+        for index in self._set.Match(subject) or ():
+            hits.extend(self._hits(index, folded, subject, start))
         return Scan(tuple(hits), folded, start)
 
     def opening(self, scanned: Scan, policy_ids: frozenset[str]) -> int:
@@ -209,11 +214,13 @@ class TextScanner:
             openings = self._openings[policy_ids] = Openings(chosen)
         return openings.first(scanned.normalised.text, scanned.fresh)
 
-    def _hits(self, index: int, folded: Normalised, start: int) -> Iterable[Hit]:
+    def _hits(
+        self, index: int, folded: Normalised, subject: str | bytes, start: int
+    ) -> Iterable[Hit]:
         item, regex = self._patterns[index], self._compiled[index]
         position = max(0, start - item.group)  # a whole word's match begins at its separator
-        while position <= len(folded.text):
-            found = regex.search(folded.text, position)
+        while position <= len(subject):
+            found = regex.search(subject, position)
             if found is None:
                 return
             start, end = found.span(item.group)
@@ -291,7 +298,7 @@ class Openings:
         if not self._regexes or begin >= first:
             return max(0, first)
         context = 1 if begin else 0  # the character a word boundary at `begin` looks at
-        tail = text[begin - context :]
+        tail = searchable(text[begin - context :])
         for index in self._set.Match(tail) or ():
             since = max(0, size - self._widths[index] - begin) + context
             if begin - context + since >= first:
@@ -300,68 +307,3 @@ class Openings:
             if found is not None:
                 first = min(first, begin - context + found.start())
         return max(0, first)
-
-
-@dataclass(frozen=True, slots=True)
-class InjectionSignals:
-    """Compiled heuristics of one injection rule."""
-
-    override: Any | None
-    roleplay: Any | None
-    weights: tuple[float, float, float, float]  # override, roleplay, hidden, encoded
-    min_hidden: int
-
-
-def compile_injection(
-    override: Sequence[str], roleplay: Sequence[str], weights: tuple[float, float, float, float],
-    min_hidden: int,
-) -> InjectionSignals:  # fmt: skip
-    options = re2_options()
-
-    def build(words: Sequence[str]) -> Any | None:
-        if not words:
-            return None
-        return re2.compile(words_pattern(words, case_sensitive=False, whole_words=True), options)
-
-    return InjectionSignals(build(override), build(roleplay), weights, min_hidden)
-
-
-def injection_score(text: str, signals: InjectionSignals) -> tuple[float, list[str]]:
-    """The score of `text` and the names of the signals found."""
-    folded = normalise(text).text
-    found: list[str] = []
-    if signals.override is not None and signals.override.search(folded):
-        found.append("override_phrase")
-    if signals.roleplay is not None and signals.roleplay.search(folded):
-        found.append("roleplay_marker")
-    if len(_HIDDEN.findall(text)) >= signals.min_hidden:
-        found.append("hidden_text")
-    if _has_encoded_phrase(text, signals):
-        found.append("encoded_payload")
-    weights = dict(zip(("override_phrase", "roleplay_marker", "hidden_text", "encoded_payload"),
-                       signals.weights, strict=True))  # fmt: skip
-    return sum(weights[name] for name in found), found
-
-
-def _has_encoded_phrase(text: str, signals: InjectionSignals) -> bool:
-    for decoded in _decoded_payloads(text):
-        folded = normalise(decoded).text
-        for regex in (signals.override, signals.roleplay):
-            if regex is not None and regex.search(folded):
-                return True
-    return False
-
-
-def _decoded_payloads(text: str) -> Iterable[str]:
-    """Text hidden as Unicode tag characters, base64 or hex."""
-    for found in _TAGS.finditer(text):
-        yield "".join(chr(ord(c) - 0xE0000) for c in found.group())
-    for found in _BASE64.finditer(text):
-        value = found.group()
-        try:
-            raw = base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
-        except (binascii.Error, ValueError):
-            continue
-        yield raw.decode("utf-8", errors="ignore")
-    for found in _HEX.finditer(text):
-        yield bytes.fromhex(found.group()).decode("utf-8", errors="ignore")

@@ -59,6 +59,8 @@ def settle(
     Returns the number of characters consumed and the release (redactions applied).
     """
     cut = len(text) if final else max(0, min(boundary, len(text)))
+    if not matches:  # the common case: nothing to order, cut or replace
+        return cut, Release(text[:cut])
     for match in matches:
         if not (final or match.final):
             cut = min(cut, match.start)

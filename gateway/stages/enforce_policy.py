@@ -113,7 +113,7 @@ class EnforcePolicy(Stage):
         self, exchange: Exchange, policies: PolicySet, selection: Selection, text: str,
         direction: TextDirection, *, fresh: int = 0,
     ) -> Scanned[Finding]:  # fmt: skip
-        with metrics.POLICY_SCAN_SECONDS.labels(direction).time():
+        with metrics.child(metrics.POLICY_SCAN_SECONDS, direction).time():
             return await policies.scan(selection, text, direction, canary=exchange.canary,
                                        finder=self._finder, fresh=fresh)  # fmt: skip
 
@@ -121,7 +121,7 @@ class EnforcePolicy(Stage):
         self, exchange: Exchange, policies: PolicySet, selection: Selection, text: str
     ) -> tuple[str, Finding | None]:
         """A whole completion text, with redactions applied, and the block that ends it."""
-        with metrics.POLICY_SCAN_SECONDS.labels("completion").time():
+        with metrics.child(metrics.POLICY_SCAN_SECONDS, "completion").time():
             release = await policies.evaluate(
                 selection, text, "completion", canary=exchange.canary, finder=self._finder
             )
@@ -152,7 +152,7 @@ class EnforcePolicy(Stage):
         self, exchange: Exchange, policies: PolicySet, selection: Selection
     ) -> None:
         for slot in prompt_slots(exchange.endpoint, exchange.body):
-            with metrics.POLICY_SCAN_SECONDS.labels("prompt").time():
+            with metrics.child(metrics.POLICY_SCAN_SECONDS, "prompt").time():
                 release = await policies.evaluate(
                     selection, slot.text, "prompt", finder=self._finder
                 )
@@ -298,9 +298,10 @@ def _blocked_error(finding: Finding, what: str, detail: str | None = None) -> Co
 
 
 def _log_decision(decision: PolicyDecision, detail: str) -> None:
-    metrics.POLICY_DECISIONS.labels(
-        decision.direction, decision.action, decision.severity, decision.mode
-    ).inc()
+    metrics.child(
+        metrics.POLICY_DECISIONS, decision.direction, decision.action, decision.severity,
+        decision.mode,
+    ).inc()  # fmt: skip
     log.info(
         "policy_decision", policy_id=decision.policy_id, policy_version=decision.policy_version,
         rule_id=decision.rule_id, action=decision.action, severity=decision.severity,

@@ -22,6 +22,7 @@ from gateway.policies import (
     parse_policy,
     policy_set_hash,
 )
+from gateway.policy_schema import CanaryRule, InjectionRule, RegexRule, RequestRule, WordsRule
 from gateway.policy_store import PolicyStore
 from gateway.redaction_rules import RedactionRules
 from gateway.scanner import normalise, pattern_width
@@ -134,6 +135,19 @@ def test_applies_to_selects_by_tenant_role_model_and_endpoint(principal, model, 
     policies = policy_set(SCOPED)
     selection = policies.select_for(principal, model, endpoint)
     assert (selection.ids == {"scoped"}) is applies
+
+
+@pytest.mark.parametrize("endpoint", ["chat.completions", "embeddings", "models"])
+def test_rules_of_a_selection_are_those_of_its_policies_however_often_asked(endpoint):
+    policies = load_policies(Path(__file__).resolve().parents[2] / "policies")
+    selection = policies.select(None, (), "gpt-4o-mini", endpoint)
+    for kind in (InjectionRule, CanaryRule, RegexRule, WordsRule, RequestRule):
+        expected = [(p.id, r.id) for p in policies.policies if p.id in selection.ids
+                    for r in p.rules if isinstance(r, kind)]  # fmt: skip
+        for _ in range(2):  # the second answer comes from the cache
+            assert [(p.id, r.id) for p, r in policies.rules_of(selection, kind)] == expected
+    injection = policies.rules_of(selection, InjectionRule)
+    assert bool(injection) is (endpoint == "chat.completions")
 
 
 INJECTION = """
@@ -483,3 +497,16 @@ async def test_a_pattern_without_prefix_analysis_holds_its_whole_width():
     policies = stream_policies(_OPAQUE_RULES)
     scanned = await policies.scan(policies.select_all(), "Rotate access keys\n", "completion")
     assert scanned.safe_end == len("Rotate access keys\n") - 7
+
+
+@pytest.mark.parametrize(
+    ("text", "opening"),
+    [("Your key starts with AK" + "IA12", " AK" + "IA"), ("the marker is " + _CANARY[:10], "cnry")],
+)
+async def test_a_whole_text_is_safe_to_its_end_whatever_could_still_start(text, opening):
+    policies = stream_policies(_OPAQUE_RULES)
+    selection = policies.select_all()
+    scanned = await policies.scan(selection, text, "completion", canary=_CANARY, fresh=None)
+    assert scanned.safe_end == len(text)
+    streamed = await policies.scan(selection, text, "completion", canary=_CANARY)
+    assert streamed.safe_end == text.index(opening)  # a stream holds back what may be starting

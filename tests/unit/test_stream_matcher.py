@@ -100,6 +100,9 @@ async def test_nothing_is_released_after_a_block():
     ("matches", "boundary", "expected"),
     [
         ([], 5, "hello"),
+        ([], 0, ""),
+        ([], -2, ""),
+        ([], 99, "hello world"),
         ([FakeMatch(3, 6, False, "block")], 8, "hel"),
         ([FakeMatch(1, 3, True, "redact")], 8, "h#lo wo"),
         ([FakeMatch(4, 9, True, "redact")], 6, "hell"),
@@ -110,3 +113,12 @@ async def test_nothing_is_released_after_a_block():
 def test_settle_cuts_before_undecided_and_straddling_matches(matches, boundary, expected):
     consumed, release = settle("hello world", matches, boundary, final=False)
     assert release.text == expected
+
+
+@pytest.mark.parametrize("boundary", [-1, 0, 4, 11, 50])
+def test_settling_no_match_releases_up_to_the_boundary_or_all_when_final(boundary):
+    for final in (False, True):
+        consumed, release = settle("hello world", [], boundary, final=final)
+        expected = "hello world" if final else "hello world"[: max(0, boundary)]
+        assert (consumed, release.text) == (len(expected), expected)
+        assert release.matches == [] and release.blocked is None

@@ -11,8 +11,8 @@ per request (and Redis's) from /proc/<pid>/stat, and the Redis commands per requ
 rounds and ratios against `off`.
 
 `python bench/rate_limits.py [--rounds 5] [--duration 3] [--requests 1000]`
-Target: one Redis round trip per request for request limits (two with token limits or
-concurrency: reserve and settle).
+Target: at most one Redis round trip per request for request limits (two with token limits
+or concurrency: reserve and settle); under concurrency, batches make it far fewer.
 """
 
 from __future__ import annotations

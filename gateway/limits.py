@@ -1,9 +1,10 @@
-"""The limit algorithms, twice: as the Lua scripts Redis runs and as the in-memory backend.
+"""The limit algorithms and their in-memory backend.
 
 Owns the values of a reservation (`Limit`, `Ask`, `Decision`, `Reservation`), the keys of each
-dimension's limits, the reserve and settle scripts (one round trip each) and `MemoryBackend`,
-which mirrors them line for line so the embedded default behaves exactly as Redis does. Must
-not do I/O (the Redis client lives in `limiter.py`) nor know HTTP or OpenAI payloads.
+dimension's limits, the reading of a reservation's reply and `MemoryBackend`, which mirrors the
+Lua script Redis runs (`gateway.limit_script`) line for line so the embedded default behaves
+exactly as Redis does. Must not do I/O (the Redis client lives in `limiter.py`) nor know HTTP
+or OpenAI payloads.
 
 Algorithms (times in milliseconds, `now` from the calling process's clock):
 - Rates (requests per second / minute, tokens per minute) use GCRA, a token bucket kept as
@@ -59,7 +60,9 @@ class Limit:
 
 @dataclass(frozen=True, slots=True)
 class Ask:
-    """What one request wants: every limit that applies, and its tokens (most, least)."""
+    """What one request wants: every limit that applies, and its tokens (most, least).
+    The request id names its concurrency slots; it has no spaces nor `;` (the script's
+    separators)."""
 
     request_id: str
     limits: tuple[Limit, ...]
@@ -143,121 +146,8 @@ def _digest(ident: str) -> str:
     return hashlib.blake2b(ident.encode(), digest_size=8).hexdigest()
 
 
-# KEYS: one per limit. ARGV: now_ms (empty: Redis TIME), request id, tokens, least, then
-# kind, limit, window_ms per key.
-# Returns {allowed, blocked index, retry_ms, granted, remaining_1, reset_1, ...}.
-RESERVE_LUA = """
-local now, rid = tonumber(ARGV[1]), ARGV[2]
-if not now then  -- no injected clock: the server's, one clock for every replica
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local grant, least = tonumber(ARGV[3]), tonumber(ARGV[4])
-local eps = 1e-6
-local n = #KEYS
-local kind, limit, window, value = {}, {}, {}, {}
-for i = 1, n do
-  local at = 4 + (i - 1) * 3
-  kind[i], limit[i], window[i] = ARGV[at + 1], tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
-  if kind[i] == 'c' then
-    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
-    value[i] = redis.call('ZCARD', KEYS[i])
-  else
-    value[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
-  end
-end
-local blocked, retry = 0, 0
-for i = 1, n do
-  if kind[i] == 'b' and blocked == 0 then
-    local room = limit[i] - value[i]
-    if room < least then blocked, retry = i, -1 end
-    if room < grant then grant = math.max(room, 0) end
-  end
-end
-local out, pre, new = {}, {}, {}
-for i = 1, n do
-  local left, reset, held, since, wait, never = 0, 0, 0, 0, 0, false
-  if kind[i] == 'r' or kind[i] == 't' then
-    local cost = 1
-    if kind[i] == 't' then cost = grant end
-    local interval = window[i] / limit[i]
-    local tat = math.max(value[i], now)
-    new[i] = tat + cost * interval
-    wait = new[i] - window[i] - now
-    if cost > limit[i] then never = true end
-    held, since = math.floor((now + window[i] - tat) / interval + eps), math.ceil(tat - now)
-    left, reset = math.floor((now + window[i] - new[i]) / interval + eps), math.ceil(new[i] - now)
-  elseif kind[i] == 'b' then
-    left, held = math.max(limit[i] - value[i] - grant, 0), math.max(limit[i] - value[i], 0)
-    reset, since = window[i], window[i]
-  else
-    if value[i] >= limit[i] then wait = 1000 end
-    left, held = math.max(limit[i] - value[i] - 1, 0), math.max(limit[i] - value[i], 0)
-  end
-  if retry ~= -1 and never then
-    blocked, retry = i, -1
-  elseif retry ~= -1 and wait > eps and wait > retry then
-    blocked, retry = i, wait
-  end
-  out[#out + 1], out[#out + 2] = left, reset
-  pre[#pre + 1], pre[#pre + 2] = held, since
-end
-if blocked > 0 then
-  if retry > 0 then retry = math.ceil(retry) end
-  return {0, blocked, retry, grant, unpack(pre)}
-end
-for i = 1, n do
-  if kind[i] == 'r' or kind[i] == 't' then
-    if new[i] > now then
-      local ttl = math.ceil(new[i] - now) + 1000
-      redis.call('SET', KEYS[i], string.format('%.3f', new[i]), 'PX', ttl)
-    end
-  elseif kind[i] == 'b' then
-    if grant > 0 then
-      redis.call('INCRBY', KEYS[i], grant)
-      redis.call('PEXPIRE', KEYS[i], window[i] + 86400000)
-    end
-  else
-    redis.call('ZADD', KEYS[i], now + window[i], rid)
-    redis.call('PEXPIRE', KEYS[i], window[i])
-  end
-end
-return {1, 0, 0, grant, unpack(out)}
-"""
-
-# KEYS: the reservation's. ARGV: now_ms, request id, used - granted, then kind, limit, window.
-SETTLE_LUA = """
-local now, rid, delta = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
-if not now then  -- no injected clock: the server's, one clock for every replica
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-for i = 1, #KEYS do
-  local at = 3 + (i - 1) * 3
-  local kind, limit, window = ARGV[at + 1], tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
-  if kind == 'c' then
-    redis.call('ZREM', KEYS[i], rid)
-  elseif kind == 't' and delta ~= 0 then
-    local tat = math.max(tonumber(redis.call('GET', KEYS[i]) or '0'), now)
-    tat = tat + delta * (window / limit)
-    if tat > now then
-      redis.call('SET', KEYS[i], string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1000)
-    else
-      redis.call('DEL', KEYS[i])
-    end
-  elseif kind == 'b' and delta ~= 0 and (delta > 0 or redis.call('EXISTS', KEYS[i]) == 1) then
-    redis.call('INCRBY', KEYS[i], delta)
-    if redis.call('PTTL', KEYS[i]) < 0 then redis.call('PEXPIRE', KEYS[i], window + 86400000) end
-  end
-end
-return 1
-"""
-RESERVE_SHA = hashlib.sha1(RESERVE_LUA.encode(), usedforsecurity=False).hexdigest()
-SETTLE_SHA = hashlib.sha1(SETTLE_LUA.encode(), usedforsecurity=False).hexdigest()
-
-
 class MemoryBackend:
-    """The same algorithms as the Lua scripts, in this process only (atomic: no awaits)."""
+    """The same algorithms as the Lua script, in this process only (atomic: no awaits)."""
 
     name = "memory"
 
@@ -273,7 +163,7 @@ class MemoryBackend:
         self.settle_now(reservation, used, _now_ms() if now_ms is None else now_ms)
 
     def reserve_now(self, ask: Ask, now_ms: float) -> Decision:
-        """RESERVE_LUA, line for line."""
+        """The script's `reserve`, line for line."""
         limits = ask.limits
         value = [self._count(lim.key, now_ms) if lim.kind == "c" else self._get(lim.key, now_ms)
                  for lim in limits]  # fmt: skip
@@ -305,7 +195,7 @@ class MemoryBackend:
         return decision_from(ask, [1, 0, 0, grant, *out], self.name)
 
     def settle_now(self, reservation: Reservation, used: int, now_ms: float) -> None:
-        """SETTLE_LUA, line for line."""
+        """The script's `settle`, line for line."""
         delta = used - reservation.granted
         for lim in reservation.limits:
             if lim.kind == "c":
@@ -385,18 +275,11 @@ def _judge(
 
 def decision_from(ask: Ask, reply: Sequence[Any], backend: str) -> Decision:
     """Reads the script's reply: {allowed, blocked, retry_ms, granted, remaining, reset, ...}."""
-    allowed, blocked, retry_ms, granted = (int(v) for v in reply[:4])
-    pairs = [int(v) for v in reply[4:]]
-    standings = tuple(Standing(lim, pairs[2 * i], pairs[2 * i + 1])
-                      for i, lim in enumerate(ask.limits))  # fmt: skip
-    if not allowed:
-        return Decision(False, granted, retry_ms, ask.limits[blocked - 1], standings, None)
-    reservation = Reservation(ask.request_id, ask.limits, granted, backend)
+    limits, granted = ask.limits, int(reply[3])
+    remaining, reset = map(int, reply[4::2]), map(int, reply[5::2])
+    standings = tuple(map(Standing, limits, remaining, reset))
+    if not reply[0]:
+        blocked = limits[int(reply[1]) - 1]
+        return Decision(False, granted, int(reply[2]), blocked, standings, None)
+    reservation = Reservation(ask.request_id, limits, granted, backend)
     return Decision(True, granted, 0, None, standings, reservation)
-
-
-def script_arguments(limits: Sequence[Limit]) -> list[str | int]:
-    flat: list[str | int] = []
-    for lim in limits:
-        flat += [lim.kind, lim.limit, lim.window_ms]
-    return flat

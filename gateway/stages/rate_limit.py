@@ -10,7 +10,6 @@ clients that did not ask), cutting a stream at its budget, the `x-ratelimit-*` h
 from __future__ import annotations
 
 import math
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,16 +26,21 @@ from gateway.tokens import CAP_FIELDS, CHARS_PER_TOKEN, completion_cap, count_pr
 ANONYMOUS = "anonymous"
 USAGE_ENDPOINTS = ("chat.completions", "completions")  # streams that take stream_options
 _PERIOD = {"daily_tokens": "day", "monthly_tokens": "month"}
+_REQUEST_HEADERS = tuple(f"x-ratelimit-{part}-requests" for part in ("limit", "remaining", "reset"))
+_TOKEN_HEADERS = tuple(f"x-ratelimit-{part}-tokens" for part in ("limit", "remaining", "reset"))
 
 
 @dataclass(frozen=True, slots=True)
 class Ticket:
-    """What the request reserved: the limiter's reservation, the prompt estimate, and the
-    completion tokens a budget allows (None when no budget applies)."""
+    """What the request reserved: the limiter's reservation, the prompt estimate, the
+    completion tokens a budget allows (None when no budget applies), whether a token limit
+    applies (then usage is metered) and whether a concurrency slot is held."""
 
     reservation: Reservation
     prompt_tokens: int
     allowance: int | None
+    metered: bool
+    holds_slot: bool
 
 
 class RateLimit(Stage):
@@ -79,7 +83,7 @@ class RateLimit(Stage):
         self, exchange: Exchange, events: AsyncIterator[SseEvent]
     ) -> AsyncIterator[SseEvent]:
         ticket = exchange.ratelimit_reservation
-        if not isinstance(ticket, Ticket) or not _has_tokens(ticket.reservation.limits):
+        if not isinstance(ticket, Ticket) or not ticket.metered:
             return events
         return _metered(exchange, ticket, events)
 
@@ -88,9 +92,8 @@ class RateLimit(Stage):
         if not isinstance(ticket, Ticket):
             return
         reservation = ticket.reservation
-        kinds = {lim.kind for lim in reservation.limits}
-        used = _used(exchange, ticket) if kinds & {"t", "b"} else reservation.granted
-        if used != reservation.granted or "c" in kinds:  # else nothing to settle: no round trip
+        used = _used(exchange, ticket) if ticket.metered else reservation.granted
+        if used != reservation.granted or ticket.holds_slot:  # else nothing to settle
             await self._limiter.settle(reservation, used)
 
     def _ask(self, exchange: Exchange) -> tuple[Ask, int]:
@@ -101,7 +104,7 @@ class RateLimit(Stage):
         prompt = count_prompt(exchange.endpoint, exchange.body)
         cap = 0 if exchange.endpoint == "embeddings" else self._cap(exchange)
         least = prompt + (1 if cap else 0)
-        return Ask(uuid.uuid4().hex, tuple(limits), prompt + cap, least), prompt
+        return Ask(self._limiter.request_id(), tuple(limits), prompt + cap, least), prompt
 
     def _cap(self, exchange: Exchange) -> int:
         return completion_cap(exchange.endpoint, exchange.body) or self._settings.default_max_tokens
@@ -159,19 +162,17 @@ class RateLimit(Stage):
         return assignment.default_tier
 
 
-def _has_tokens(limits: tuple[Limit, ...]) -> bool:
-    return any(lim.kind in ("t", "b") for lim in limits)
-
-
 def _ticket(reservation: Reservation, prompt: int, ask: Ask) -> Ticket:
-    has_budget = any(lim.kind == "b" for lim in reservation.limits)
+    kinds = {lim.kind for lim in reservation.limits}
+    has_budget = "b" in kinds
     allowance = reservation.granted - prompt if has_budget and ask.tokens > prompt else None
-    return Ticket(reservation, prompt, allowance)
+    metered = has_budget or "t" in kinds
+    return Ticket(reservation, prompt, allowance, metered, "c" in kinds)
 
 
 def _prepare_body(exchange: Exchange, ticket: Ticket, ask: Ask) -> None:
     """Asks the provider for stream usage, and lowers the completion cap to what was granted."""
-    if not _has_tokens(ticket.reservation.limits):
+    if not ticket.metered:
         return
     body = exchange.body
     asks_usage = exchange.is_stream and exchange.endpoint in USAGE_ENDPOINTS
@@ -345,16 +346,32 @@ def _length_chunk(payload: dict[str, Any], endpoint: str) -> dict[str, Any]:
 
 def rate_headers(standings: tuple[Standing, ...]) -> dict[str, str]:
     """OpenAI's x-ratelimit-* headers for the tightest request limit and token limit."""
+    requests: Standing | None = None
+    tokens: Standing | None = None
+    for standing in standings:
+        kind = standing.limit.kind
+        if kind == "r":
+            requests = _tighter(requests, standing)
+        elif kind in ("t", "b"):
+            tokens = _tighter(tokens, standing)
     headers: dict[str, str] = {}
-    for unit, kinds in (("requests", ("r",)), ("tokens", ("t", "b"))):
-        relevant = [s for s in standings if s.limit.kind in kinds]
-        if not relevant:
-            continue
-        tightest = min(relevant, key=lambda s: (s.remaining, -s.reset_ms))
-        headers[f"x-ratelimit-limit-{unit}"] = str(tightest.limit.limit)
-        headers[f"x-ratelimit-remaining-{unit}"] = str(tightest.remaining)
-        headers[f"x-ratelimit-reset-{unit}"] = duration(tightest.reset_ms)
+    for names, tightest in ((_REQUEST_HEADERS, requests), (_TOKEN_HEADERS, tokens)):
+        if tightest is not None:
+            limit, remaining, reset = names
+            headers[limit] = str(tightest.limit.limit)
+            headers[remaining] = str(tightest.remaining)
+            headers[reset] = duration(tightest.reset_ms)
     return headers
+
+
+def _tighter(best: Standing | None, standing: Standing) -> Standing:
+    """The one with less remaining; on a tie, the one that takes longer to reset (the first
+    of equals)."""
+    if best is None or standing.remaining < best.remaining:
+        return standing
+    if standing.remaining == best.remaining and standing.reset_ms > best.reset_ms:
+        return standing
+    return best
 
 
 def duration(ms: int) -> str:

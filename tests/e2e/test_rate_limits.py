@@ -138,6 +138,20 @@ async def test_dead_redis_fails_closed_with_503_and_shared_limits_resume(
     assert sum(isinstance(a, openai.RateLimitError) for a in answers) == 3
 
 
+async def test_limits_hold_after_redis_forgets_its_scripts(provider, start_gateway, redis_server):
+    config = limited(provider, redis_server.url, {"requests_per_minute": 2})
+    gateway = await start_gateway(config)
+    await ask(gateway.client())
+    client = aioredis.from_url(redis_server.url)
+    try:
+        await client.script_flush()
+    finally:
+        await client.aclose()
+    await ask(gateway.client())  # NOSCRIPT: the gateway loads the script again
+    with pytest.raises(openai.RateLimitError):
+        await ask(gateway.client())
+
+
 async def test_dead_redis_fails_open_to_local_limits(provider, start_gateway, redis_server):
     config = limited(provider, redis_server.url, {"requests_per_minute": 2},
                      failure_mode="open", breaker={"failures": 1, "open_seconds": 30})  # fmt: skip

@@ -3,15 +3,17 @@ and the limiter's circuit breaker and failure modes."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 
 import pytest
+import redis.asyncio as aioredis
 
 from gateway import metrics
 from gateway.config import LimitSettings, LimitValues, RedisSettings
 from gateway.errors import ServiceUnavailableError
-from gateway.limiter import Breaker, Limiter, RedisBackend
+from gateway.limiter import BATCH_SIZE, Breaker, Limiter, RedisBackend
 from gateway.limits import Ask, Limit, MemoryBackend, limits_for
 
 T0 = 1_750_000_000_000.0  # ms; a fixed "now" injected into both backends
@@ -145,6 +147,181 @@ async def test_redis_and_memory_decide_alike(redis_server):
         await redis.close()
 
 
+async def test_batched_redis_and_memory_decide_alike(redis_server):
+    """Operations sent together in one batch decide as if sent one by one, in order."""
+    rng = random.Random(7)
+    redis = RedisBackend(RedisSettings(url=redis_server.url), "parity-batch")
+    memory = MemoryBackend()
+    limits = [rate(9), rate(4, 1000), rate(1200, kind="t"), budget(6000), slots(4)]
+    now, held = T0, []
+    try:
+        for _ in range(80):
+            now += rng.choice([0, 1, 37, 250, 1500])
+            group = [_random_operation(rng, limits, held) for _ in range(rng.randrange(1, 7))]
+            got_redis = await asyncio.gather(*(_apply(redis, op, now) for op in group))
+            got_memory = [await _apply(memory, op, now) for op in group]
+            for from_redis, from_memory in zip(got_redis, got_memory, strict=True):
+                if from_redis is None:
+                    continue
+                assert _outcome(from_redis) == _outcome(from_memory)
+                if from_redis.reservation:
+                    held.append(from_redis.reservation)
+    finally:
+        await redis.close()
+
+
+def _random_operation(rng, limits, held):
+    if held and rng.random() < 0.4:
+        return held.pop(rng.randrange(len(held))), rng.randrange(0, 300)
+    chosen = tuple(lim for lim in limits if rng.random() < 0.6)
+    return ask(*chosen, tokens=rng.randrange(1, 400), least=1), None
+
+
+async def _apply(backend, operation, now):
+    subject, used = operation
+    if used is None:
+        return await backend.reserve(subject, now)
+    await backend.settle(subject, used, now)
+    return None
+
+
+def _outcome(decision):
+    return decision.allowed, decision.granted, decision.retry_ms, decision.standings
+
+
+async def _evalsha_calls(url: str) -> int:
+    client = aioredis.from_url(url)
+    try:
+        stats = await client.info("commandstats")
+    finally:
+        await client.aclose()
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_concurrent_reserves_go_as_one_batch_and_each_gets_its_own_answer(redis_server):
+    redis = RedisBackend(RedisSettings(url=redis_server.url), "batch")
+    limit = rate(5)
+    try:
+        await redis.reserve(ask(rate(1, key="warm")), T0)  # the script is loaded
+        before = await _evalsha_calls(redis_server.url)
+        decisions = await asyncio.gather(*(redis.reserve(ask(limit), T0) for _ in range(8)))
+        assert await _evalsha_calls(redis_server.url) - before == 1
+        assert [d.allowed for d in decisions] == [True] * 5 + [False] * 3
+        assert [d.standings[0].remaining for d in decisions[:5]] == [4, 3, 2, 1, 0]
+        assert {d.retry_ms for d in decisions[5:]} == {12_000}
+        before = await _evalsha_calls(redis_server.url)
+        settles = (redis.settle(d.reservation, 0, T0) for d in decisions[:5])
+        await asyncio.gather(*settles, redis.reserve(ask(limit), T0 + 12_000))
+        assert await _evalsha_calls(redis_server.url) - before == 1
+    finally:
+        await redis.close()
+
+
+async def test_a_full_batch_is_sent_at_once_and_the_rest_follows(redis_server):
+    redis = RedisBackend(RedisSettings(url=redis_server.url), "full")
+    limit = rate(BATCH_SIZE)
+    try:
+        await redis.reserve(ask(rate(1, key="warm")), T0)  # the script is loaded
+        before = await _evalsha_calls(redis_server.url)
+        many = (redis.reserve(ask(limit), T0) for _ in range(BATCH_SIZE + 1))
+        decisions = await asyncio.gather(*many)
+        assert await _evalsha_calls(redis_server.url) - before == 2
+        assert [d.allowed for d in decisions] == [True] * BATCH_SIZE + [False]
+    finally:
+        await redis.close()
+
+
+async def test_a_flushed_script_cache_reloads_the_script_for_the_whole_batch(redis_server):
+    redis = RedisBackend(RedisSettings(url=redis_server.url), "noscript")
+    limit = slots(3)
+    try:
+        assert (await redis.reserve(ask(limit), T0)).allowed
+        client = aioredis.from_url(redis_server.url)
+        try:
+            await client.script_flush()
+        finally:
+            await client.aclose()
+        before = await _evalsha_calls(redis_server.url)
+        decisions = await asyncio.gather(*(redis.reserve(ask(limit), T0) for _ in range(4)))
+        assert await _evalsha_calls(redis_server.url) - before == 2  # NOSCRIPT, then the run
+        assert [d.allowed for d in decisions] == [True, True, False, False]
+        assert [d.standings[0].remaining for d in decisions] == [1, 0, 0, 0]
+    finally:
+        await redis.close()
+
+
+async def test_a_cancelled_caller_does_not_disturb_the_rest_of_its_batch(redis_server):
+    redis = RedisBackend(RedisSettings(url=redis_server.url), "cancel")
+    limit = rate(10)
+    try:
+        await redis.reserve(ask(rate(1, key="warm")), T0)  # the script is loaded
+        tasks = [asyncio.create_task(redis.reserve(ask(limit), T0)) for _ in range(4)]
+        await asyncio.sleep(0)  # every task has queued its operation
+        tasks[1].cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(results[1], asyncio.CancelledError)
+        # the others got their answers; the reservation of the one gone was not even sent
+        assert [results[i].standings[0].remaining for i in (0, 2, 3)] == [9, 8, 7]
+    finally:
+        await redis.close()
+
+
+async def test_a_cancelled_settlement_still_frees_its_slot(redis_server):
+    redis = RedisBackend(RedisSettings(url=redis_server.url), "cancel-settle")
+    limit = slots(1)
+    try:
+        held = await redis.reserve(ask(limit), T0)
+        settling = asyncio.create_task(redis.settle(held.reservation, 0, T0))
+        await asyncio.sleep(0)  # queued
+        settling.cancel()
+        await asyncio.gather(settling, return_exceptions=True)
+        assert (await redis.reserve(ask(limit), T0)).allowed
+    finally:
+        await redis.close()
+
+
+@pytest.mark.parametrize(("mode", "refused"), [("closed", 5), ("open", 0)])
+async def test_a_failed_batch_applies_the_failure_mode_to_every_caller(redis_server, mode, refused):
+    limiter = _limiter(redis_server.url, mode)
+    counter = metrics.RATELIMIT_FALLBACK.labels("redis_error", "refused" if refused else "memory")
+    try:
+        await limiter.reserve(ask(rate(100, key=uuid.uuid4().hex)))
+        redis_server.stop()
+        before = counter._value.get()
+        requests = [ask(rate(3, key=uuid.uuid4().hex)) for _ in range(5)]
+        results = await asyncio.gather(*map(limiter.reserve, requests), return_exceptions=True)
+        assert counter._value.get() - before == 5  # each caller, though one batch failed
+        if refused:
+            assert all(isinstance(r, ServiceUnavailableError) for r in results)
+        else:
+            assert all(r.allowed and r.reservation.backend == "memory" for r in results)
+        assert limiter.breaker.is_open
+    finally:
+        await limiter.close()
+
+
+async def test_limits_are_built_once_per_dimension_but_budgets_follow_the_clock():
+    now = [T0 / 1000]
+    settings = LimitSettings(enabled=True, backend="memory")
+    limiter = Limiter(settings, RedisSettings(), clock=lambda: now[0])
+    rates, other = LimitValues(requests_per_minute=5), LimitValues(requests_per_minute=6)
+    first = limiter.limits_for(rates, "key", "alice")
+    assert limiter.limits_for(rates, "key", "alice") is first
+    assert limiter.limits_for(other, "key", "alice")[0].limit == 6  # the values changed
+    daily = LimitValues(daily_tokens=100)
+    before = limiter.limits_for(daily, "key", "alice")[0].window_ms
+    now[0] += 60
+    assert limiter.limits_for(daily, "key", "alice")[0].window_ms == before - 60_000
+
+
+def test_request_ids_are_unique_within_and_across_limiters():
+    settings = LimitSettings(enabled=True, backend="memory")
+    first, second = Limiter(settings, RedisSettings()), Limiter(settings, RedisSettings())
+    ids = [first.request_id() for _ in range(1000)] + [second.request_id() for _ in range(1000)]
+    assert len(set(ids)) == len(ids)
+    assert not any(" " in rid or ";" in rid for rid in ids)  # the script's separators
+
+
 def test_limits_for_names_every_configured_limit_and_hides_the_subject():
     values = LimitValues(requests_per_second=1, tokens_per_minute=10, concurrent=2,
                          daily_tokens=5, monthly_tokens=50)  # fmt: skip
@@ -206,7 +383,7 @@ async def test_dead_redis_fails_open_to_memory_and_recovers(redis_server):
             decision = await limiter.reserve(ask(limit))
             if decision.reservation.backend == "redis":
                 break
-            await __import__("asyncio").sleep(0.05)
+            await asyncio.sleep(0.05)
         assert decision.reservation.backend == "redis"
         assert not limiter.breaker.is_open
     finally:

@@ -11,8 +11,9 @@ from gateway.config import LimitSettings, RedisSettings
 from gateway.errors import QuotaExceededError, RateLimitError
 from gateway.exchange import Exchange, Principal, Usage
 from gateway.limiter import Limiter
+from gateway.limits import Limit, Standing
 from gateway.sse import SseEvent, json_event
-from gateway.stages.rate_limit import RateLimit, duration
+from gateway.stages.rate_limit import RateLimit, duration, rate_headers
 from gateway.tokens import count_prompt
 
 MESSAGES = [{"role": "user", "content": "abcd" * 5}]
@@ -159,6 +160,22 @@ async def test_no_limits_configured_changes_nothing():
     ex = exchange(stream=True)
     await rate_limit.on_request(ex)
     assert ex.ratelimit_outcome == "unlimited" and not ex.body_changed and not ex.response_headers
+
+
+def test_headers_show_the_tightest_request_and_token_limit():
+    def standing(kind: str, limit: int, remaining: int, reset_ms: int) -> Standing:
+        return Standing(Limit("n", "key", f"k{limit}", kind, limit, 60_000), remaining, reset_ms)
+
+    standings = (
+        standing("r", 60, 5, 100), standing("c", 2, 0, 0), standing("r", 10, 5, 900),
+        standing("r", 9, 7, 0), standing("t", 1000, 10, 5), standing("b", 50, 3, 7),
+    )  # fmt: skip
+    assert rate_headers(standings) == {
+        "x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "5",
+        "x-ratelimit-reset-requests": "900ms", "x-ratelimit-limit-tokens": "50",
+        "x-ratelimit-remaining-tokens": "3", "x-ratelimit-reset-tokens": "7ms",
+    }  # fmt: skip
+    assert rate_headers(standings[1:2]) == {}  # concurrency alone has no OpenAI header
 
 
 @pytest.mark.parametrize(("ms", "text"), [(0, "0ms"), (20, "20ms"), (1000, "1s"), (1500, "1.5s"),

@@ -1,0 +1,176 @@
+"""The Lua script Redis runs for the limits, and the encoding of its operations.
+
+Owns the batch script (the reservations and settlements one process gathered for one round
+trip, run as one EVALSHA, in order, on one reading of the clock) and the text of each
+operation. The algorithms are those of `gateway.limits`, whose `MemoryBackend` mirrors this
+script line for line. Must not do I/O: `gateway.limiter` gathers and sends the batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+from gateway.limits import Ask, Limit, Reservation
+
+# The one script Redis runs: a batch of reservations and settlements of one process, applied
+# in order, atomically, with one reading of the clock: each gets the answer it would alone.
+# KEYS: every key the batch uses, once. ARGV[1]: the operations, separated by `;`, each of
+# words separated by spaces: `r now_ms request_id tokens least n` (reserve) or
+# `s now_ms request_id delta n` (settle: delta is used - granted), then
+# `key_index kind limit window_ms` for each of the n limits. now_ms `-` means the Redis
+# server's clock. Returns one reply per operation: a reservation's {allowed, blocked index,
+# retry_ms, granted, remaining_1, reset_1, ...}, a settlement's 1. (One argument rather than
+# one per operation: the client encodes each argument separately, at a cost.)
+BATCH_LUA = """
+local eps = 1e-6
+local clock
+local function now_of(stamp)
+  local now = tonumber(stamp)
+  if now then return now end
+  if not clock then  -- no injected clock: the server's, one clock for every replica
+    local t = redis.call('TIME')
+    clock = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return clock
+end
+local function limits_of(w, at)
+  local key, kind, limit, window = {}, {}, {}, {}
+  for i = 1, tonumber(w[at]) do
+    local j = at + (i - 1) * 4
+    key[i], kind[i] = KEYS[tonumber(w[j + 1])], w[j + 2]
+    limit[i], window[i] = tonumber(w[j + 3]), tonumber(w[j + 4])
+  end
+  return key, kind, limit, window
+end
+local function reserve(w)
+  local now, rid = now_of(w[2]), w[3]
+  local grant, least = tonumber(w[4]), tonumber(w[5])
+  local key, kind, limit, window = limits_of(w, 6)
+  local n, value = #key, {}
+  for i = 1, n do
+    if kind[i] == 'c' then
+      redis.call('ZREMRANGEBYSCORE', key[i], '-inf', now)
+      value[i] = redis.call('ZCARD', key[i])
+    else
+      value[i] = tonumber(redis.call('GET', key[i]) or '0')
+    end
+  end
+  local blocked, retry = 0, 0
+  for i = 1, n do
+    if kind[i] == 'b' and blocked == 0 then
+      local room = limit[i] - value[i]
+      if room < least then blocked, retry = i, -1 end
+      if room < grant then grant = math.max(room, 0) end
+    end
+  end
+  local out, pre, new = {}, {}, {}
+  for i = 1, n do
+    local left, reset, held, since, wait, never = 0, 0, 0, 0, 0, false
+    if kind[i] == 'r' or kind[i] == 't' then
+      local cost = 1
+      if kind[i] == 't' then cost = grant end
+      local interval = window[i] / limit[i]
+      local tat = math.max(value[i], now)
+      new[i] = tat + cost * interval
+      wait = new[i] - window[i] - now
+      if cost > limit[i] then never = true end
+      held, since = math.floor((now + window[i] - tat) / interval + eps), math.ceil(tat - now)
+      left, reset = math.floor((now + window[i] - new[i]) / interval + eps), math.ceil(new[i] - now)
+    elseif kind[i] == 'b' then
+      left, held = math.max(limit[i] - value[i] - grant, 0), math.max(limit[i] - value[i], 0)
+      reset, since = window[i], window[i]
+    else
+      if value[i] >= limit[i] then wait = 1000 end
+      left, held = math.max(limit[i] - value[i] - 1, 0), math.max(limit[i] - value[i], 0)
+    end
+    if retry ~= -1 and never then
+      blocked, retry = i, -1
+    elseif retry ~= -1 and wait > eps and wait > retry then
+      blocked, retry = i, wait
+    end
+    out[#out + 1], out[#out + 2] = left, reset
+    pre[#pre + 1], pre[#pre + 2] = held, since
+  end
+  if blocked > 0 then
+    if retry > 0 then retry = math.ceil(retry) end
+    return {0, blocked, retry, grant, unpack(pre)}
+  end
+  for i = 1, n do
+    if kind[i] == 'r' or kind[i] == 't' then
+      if new[i] > now then
+        local ttl = math.ceil(new[i] - now) + 1000
+        redis.call('SET', key[i], string.format('%.3f', new[i]), 'PX', ttl)
+      end
+    elseif kind[i] == 'b' then
+      if grant > 0 then
+        redis.call('INCRBY', key[i], grant)
+        redis.call('PEXPIRE', key[i], window[i] + 86400000)
+      end
+    else
+      redis.call('ZADD', key[i], now + window[i], rid)
+      redis.call('PEXPIRE', key[i], window[i])
+    end
+  end
+  return {1, 0, 0, grant, unpack(out)}
+end
+local function settle(w)
+  local now, rid, delta = now_of(w[2]), w[3], tonumber(w[4])
+  local key, kind, limit, window = limits_of(w, 5)
+  for i = 1, #key do
+    if kind[i] == 'c' then
+      redis.call('ZREM', key[i], rid)
+    elseif kind[i] == 't' and delta ~= 0 then
+      local tat = math.max(tonumber(redis.call('GET', key[i]) or '0'), now)
+      tat = tat + delta * (window[i] / limit[i])
+      if tat > now then
+        redis.call('SET', key[i], string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1000)
+      else
+        redis.call('DEL', key[i])
+      end
+    elseif kind[i] == 'b' and delta ~= 0 and (delta > 0 or redis.call('EXISTS', key[i]) == 1) then
+      redis.call('INCRBY', key[i], delta)
+      if redis.call('PTTL', key[i]) < 0 then
+        redis.call('PEXPIRE', key[i], window[i] + 86400000)
+      end
+    end
+  end
+  return 1
+end
+local replies = {}
+for operation in string.gmatch(ARGV[1], '[^;]+') do
+  local w = {}
+  for word in string.gmatch(operation, '%S+') do w[#w + 1] = word end
+  if w[1] == 'r' then replies[#replies + 1] = reserve(w) else replies[#replies + 1] = settle(w) end
+end
+return replies
+"""
+BATCH_SHA = hashlib.sha1(BATCH_LUA.encode(), usedforsecurity=False).hexdigest()
+SERVER_CLOCK = "-"  # the now_ms of an operation that runs on the Redis server's clock
+
+
+def reserve_operation(ask: Ask, stamp: str, slots: Sequence[int]) -> str:
+    """The batch script's text for a reservation; `slots` are its keys' KEYS indexes."""
+    limits = _limit_words(ask.limits, slots)
+    return f"r {stamp} {ask.request_id} {ask.tokens} {ask.least} {limits}"
+
+
+def settle_operation(reservation: Reservation, used: int, stamp: str, slots: Sequence[int]) -> str:
+    """The batch script's text for settling `reservation` at `used` tokens."""
+    limits = _limit_words(reservation.limits, slots)
+    return f"s {stamp} {reservation.request_id} {used - reservation.granted} {limits}"
+
+
+def is_reservation(operation: str) -> bool:
+    return operation.startswith("r ")
+
+
+def batch_argument(operations: Sequence[str]) -> str:
+    """The script's one ARGV entry: the operations, in order."""
+    return ";".join(operations)
+
+
+def _limit_words(limits: Sequence[Limit], slots: Sequence[int]) -> str:
+    words = [f"{slot} {lim.kind} {lim.limit} {lim.window_ms}"
+             for lim, slot in zip(limits, slots, strict=True)]  # fmt: skip
+    return f"{len(words)} {' '.join(words)}"

@@ -157,12 +157,23 @@ class _Minute:
     history: int = 0
 
 
+@dataclass(slots=True)
+class _Members:
+    """A set of things seen and when it expires (`time.monotonic`)."""
+
+    members: set[str] = field(default_factory=set)
+    until: float = 0.0
+
+
+_MAX_SEEN_SETS = 100_000
+
+
 class MemoryStore:
     """Per-process state (each replica learns alone)."""
 
     def __init__(self) -> None:
         self._minutes: dict[str, _Minute] = {}
-        self._seen: dict[str, tuple[set[str], float]] = {}
+        self._seen: dict[str, _Members] = {}
         self._events: dict[str, deque[float]] = {}
         self._until: dict[str, float] = {}
         self._hours: dict[str, tuple[list[float], float]] = {}
@@ -172,7 +183,8 @@ class MemoryStore:
         return [self._visit(visit, minute, hour, now) for visit in visits]
 
     def _visit(self, visit: Visit, minute: int, hour: int, now: float) -> Visited:
-        new = [self._add_seen(key, member, ttl) for key, member, ttl in visit.seen]
+        clock = time.monotonic()
+        new = [self._add_seen(key, member, clock + ttl) for key, member, ttl in visit.seen]
         counts = dict(visit.counts)
         if visit.new_model is not None:
             found = [n for (key, _, _), n in zip(visit.seen, new, strict=True)
@@ -189,21 +201,23 @@ class MemoryStore:
             state.minute, state.counts = minute, {}
         for name, value in counts.items():
             state.counts[name] = state.counts.get(name, 0.0) + value
-        baselines = {m: Baseline(b.mean, b.spread, b.count) for m, b in state.baselines.items()}
-        return Rolled(dict(state.counts), closed, baselines, state.history)
+        # A copy of the mapping only: a `Baseline` is replaced (see `fold`), never changed.
+        return Rolled(dict(state.counts), closed, dict(state.baselines), state.history)
 
     async def save(self, key: str, baselines: Mapping[str, Baseline], history: int) -> None:
         state = self._minutes.setdefault(key, _Minute())
         state.baselines, state.history = dict(baselines), history
 
-    def _add_seen(self, key: str, member: str, ttl: float) -> bool:
-        members, _ = self._seen.get(key, (set(), 0.0))
-        new = member not in members
-        members.add(member)
-        self._seen[key] = (members, time.monotonic() + ttl)
-        if len(self._seen) > 100_000:
-            now = time.monotonic()
-            self._seen = {k: v for k, v in self._seen.items() if v[1] > now}
+    def _add_seen(self, key: str, member: str, until: float) -> bool:
+        seen = self._seen.get(key)
+        if seen is None:
+            seen = self._seen[key] = _Members(until=until)
+            if len(self._seen) > _MAX_SEEN_SETS:
+                now = time.monotonic()
+                self._seen = {k: v for k, v in self._seen.items() if v.until > now}
+        new = member not in seen.members
+        seen.members.add(member)
+        seen.until = until
         return new
 
     async def count_recent(self, key: str, now: float, window: float) -> int:
@@ -220,10 +234,12 @@ class MemoryStore:
         return True
 
     def _add_hour(self, key: str, hour: int, now: float) -> tuple[list[float], float]:
-        hours, first = self._hours.get(key, ([0.0] * 24, now))
+        known = self._hours.get(key)
+        if known is None:
+            known = self._hours[key] = ([0.0] * 24, now)
+        hours, first = known
         before = list(hours)
         hours[hour] += 1
-        self._hours[key] = (hours, first)
         return before, first
 
     async def close(self) -> None:
@@ -496,22 +512,28 @@ class AnomalyDetector:
             history += 1
             await self.store.save(f"{kind}:{ident}", baselines, history)
         if history >= self.settings.min_history:
-            for metric in METRICS:
-                self._score(kind, ident, metric, rolled.current.get(metric, 0.0), baselines, obs,
-                            found)  # fmt: skip
+            self._score(kind, ident, rolled, obs, found)
         return history
 
     def _score(
-        self, kind: str, ident: str, metric: str, value: float,
-        baselines: Mapping[str, Baseline], obs: Observation, found: list[Anomaly],
-    ) -> None:  # fmt: skip
-        base = baselines.get(metric, Baseline())
-        score = (value - base.mean) / scale(base, metric, self.settings.relative_floor)
-        if score < self.settings.threshold:
-            return
-        severity = "high" if score >= self.settings.high_score else "medium"
-        found.append(Anomaly(_DETECTOR[metric], kind, ident, value, round(base.mean, 3),
-                             round(score, 2), severity, obs.at))  # fmt: skip
+        self, kind: str, ident: str, rolled: Rolled, obs: Observation, found: list[Anomaly]
+    ) -> None:
+        """Scores every metric of the current minute against its baseline. A value at or below
+        the mean scores 0 or less, under any threshold (they are positive): skipped."""
+        settings, baselines = self.settings, rolled.baselines
+        for metric in METRICS:
+            value = rolled.current.get(metric, 0.0)
+            base = baselines.get(metric)
+            if base is None:
+                base = Baseline()
+            if value <= base.mean:
+                continue
+            score = (value - base.mean) / scale(base, metric, settings.relative_floor)
+            if score < settings.threshold:
+                continue
+            severity = "high" if score >= settings.high_score else "medium"
+            found.append(Anomaly(_DETECTOR[metric], kind, ident, value, round(base.mean, 3),
+                                 round(score, 2), severity, obs.at))  # fmt: skip
 
     def _first_use(
         self, kind: str, ident: str, obs: Observation, state: tuple[int, dict[str, bool]],
@@ -532,8 +554,10 @@ class AnomalyDetector:
         """`hours`: the identity's 24 hourly counts before this request, and its first use."""
         hour = int(obs.at // 3600) % 24
         counts, first = hours
+        if obs.at - first < self.settings.hour_min_days * 86400:
+            return
         total = sum(counts)
-        if obs.at - first < self.settings.hour_min_days * 86400 or not total:
+        if not total:
             return
         share = counts[hour] / total
         if share < self.settings.hour_min_share:

@@ -8,6 +8,7 @@ never write prompt or completion text, keys or tokens, emails or full addresses.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import hmac
@@ -57,10 +58,10 @@ class Pseudonymizer:
         return self.keys[0][0]
 
     def user(self, subject: str) -> str:
-        return _hmac(self.keys[0][1], "user", subject)
+        return _pseudonym(self.keys[0][1], "user", subject)
 
     def tenant(self, tenant: str) -> str:
-        return _hmac(self.keys[0][1], "tenant", tenant)
+        return _pseudonym(self.keys[0][1], "tenant", tenant)
 
     def credential(self, secret: str) -> str:
         """A fingerprint of a presented credential, to count failures against one key."""
@@ -80,6 +81,13 @@ class Pseudonymizer:
 def _hmac(key: bytes, domain: str, value: str) -> str:
     digest = hmac.new(key, f"{domain}:{value}".encode(), hashlib.sha256).hexdigest()
     return "ps_" + digest[:24]
+
+
+@functools.lru_cache(maxsize=8192)
+def _pseudonym(key: bytes, domain: str, value: str) -> str:
+    """`_hmac` remembered for the identities seen lately: a principal sends many requests.
+    Not for credentials, which must not linger in memory."""
+    return _hmac(key, domain, value)
 
 
 def _aware(moment: datetime) -> datetime:
@@ -110,7 +118,10 @@ def user_agent_family(agent: str | None) -> str | None:
     """A bounded family name; the free-text header itself is never logged."""
     if not agent:
         return None
-    return next((family for marker, family in _AGENTS if marker in agent), "other")
+    for marker, family in _AGENTS:
+        if marker in agent:
+            return family
+    return "other"
 
 
 _SHAPES = {
@@ -125,14 +136,30 @@ _SHAPES = {
 }
 _SCRUB = re.compile("|".join(f"(?P<{name}>{shape})" for name, shape in _SHAPES.items()), re.S)
 _OURS = re.compile(r"^(?:ps|kf)_[0-9a-f]{24}$")
+_DIGIT = re.compile(r"[0-9]")
 _TRUSTED = frozenset({"@timestamp", "source.address", *CHAIN_FIELDS})
+_PLAIN = frozenset({int, float, bool, type(None)})
+# Texts the scrubber left unchanged lately (model names, paths, actions): most strings of an
+# event repeat on every request and the pattern costs a microsecond each. Bounded, and never
+# holds a text that had anything to remove.
+_CLEAN: set[str] = set()
+_CLEAN_TEXTS = 4096
 
 
 def scrub_text(text: str) -> str:
     """Removes anything shaped like an email, key, token, long secret or full address."""
-    if len(text) < 7 or _OURS.match(text):
-        return text  # shorter than any shape (e.g. 1.2.3.4)
-    return _SCRUB.sub(_mark, text)
+    if len(text) < 7 or text in _CLEAN or _OURS.match(text):
+        return text  # shorter than any shape (e.g. 1.2.3.4), or already found clean
+    scrubbed = _SCRUB.sub(_mark, text)
+    if scrubbed == text and len(text) <= 200:
+        _remember_clean(text)
+    return scrubbed
+
+
+def _remember_clean(text: str) -> None:
+    if len(_CLEAN) >= _CLEAN_TEXTS:
+        _CLEAN.clear()
+    _CLEAN.add(text)
 
 
 def _mark(match: re.Match[str]) -> str:
@@ -140,14 +167,20 @@ def _mark(match: re.Match[str]) -> str:
     if kind != "secret":
         return f"[{kind}]"
     # Long runs mixing upper case, lower case and digits are secrets; hex ids are not.
+    # (The run is ASCII: it has an upper-case letter iff lower() changes it, and vice versa.)
     token = match.group(0)
-    mixed = any(c.isupper() for c in token) and any(c.islower() for c in token)
-    return "[secret]" if mixed and any(c.isdigit() for c in token) else token
+    mixed = token.lower() != token and token.upper() != token
+    return "[secret]" if mixed and _DIGIT.search(token) else token
 
 
 def scrub(value: Any, key: str = "") -> Any:
     """The final pass every sink shares, over every string in the event."""
     if key in _TRUSTED:
+        return value
+    kind = type(value)
+    if kind is str:
+        return scrub_text(value)
+    if kind in _PLAIN:
         return value
     if isinstance(value, str):
         return scrub_text(value)
@@ -168,7 +201,12 @@ class EventContext:
 
 
 def build_request_event(exchange: Exchange, context: EventContext, now: datetime) -> dict[str, Any]:
-    """The audit event of one finished request (also one refused before the pipeline)."""
+    """The audit event of one finished request (also one refused before the pipeline).
+
+    Built already scrubbed (a fixed point of `scrub`, so the writer can skip its pass): every
+    string that is not a constant of this module, a pseudonym or a truncated address goes
+    through `scrub_text` here.
+    """
     status = exchange.status or 499
     event: dict[str, Any] = {
         "@timestamp": iso(now),
@@ -178,17 +216,17 @@ def build_request_event(exchange: Exchange, context: EventContext, now: datetime
         "event.action": "gen_ai_request",
         "event.dataset": "gateway.audit",
         "event.outcome": "success" if status < 400 else "failure",
-        "http.request.id": exchange.request_id,
-        "http.request.method": exchange.method,
+        "http.request.id": scrub_text(exchange.request_id),
+        "http.request.method": scrub_text(exchange.method),
         "http.response.status_code": status,
-        "url.path": exchange.path[:100],
-        "error.code": exchange.error_code,
-        "gateway.endpoint": exchange.endpoint,
+        "url.path": scrub_text(exchange.path[:100]),
+        "error.code": _scrubbed(exchange.error_code),
+        "gateway.endpoint": scrub_text(exchange.endpoint),
         "gateway.stream": exchange.is_stream,
         "source.address": truncate_address(exchange.client_address),
         "user_agent.name": user_agent_family(exchange.headers.get("user-agent")),
-        "gateway.ratelimit.outcome": exchange.ratelimit_outcome,
-        "gateway.anomalies": list(exchange.anomalies) or None,
+        "gateway.ratelimit.outcome": _scrubbed(exchange.ratelimit_outcome),
+        "gateway.anomalies": [scrub_text(a) for a in exchange.anomalies] or None,
     }
     event.update(_model_fields(exchange, context))
     event.update(_identity_fields(exchange, context, now))
@@ -197,16 +235,20 @@ def build_request_event(exchange: Exchange, context: EventContext, now: datetime
     return {k: v for k, v in event.items() if v is not None}
 
 
+def _scrubbed(text: str | None) -> str | None:
+    return None if text is None else scrub_text(text)
+
+
 def _model_fields(exchange: Exchange, context: EventContext) -> dict[str, Any]:
     route = exchange.route
     usage = exchange.usage
     asked = exchange.model if route is not None or exchange.model is None else "[unknown]"
     return {
         "gen_ai.operation.name": OPERATIONS.get(exchange.endpoint),
-        "gen_ai.request.model": asked,
-        "gen_ai.response.model": route.upstream_model if route else None,
-        "gen_ai.system": context.provider_kinds.get(exchange.provider or ""),
-        "gateway.provider": exchange.provider,
+        "gen_ai.request.model": _scrubbed(asked),
+        "gen_ai.response.model": scrub_text(route.upstream_model) if route else None,
+        "gen_ai.system": _scrubbed(context.provider_kinds.get(exchange.provider or "")),
+        "gateway.provider": _scrubbed(exchange.provider),
         "gateway.upstream.attempts": exchange.upstream_attempts or None,
         "gen_ai.usage.input_tokens": usage.prompt_tokens if usage else None,
         "gen_ai.usage.output_tokens": usage.completion_tokens if usage else None,
@@ -215,7 +257,7 @@ def _model_fields(exchange: Exchange, context: EventContext) -> dict[str, Any]:
 
 def _identity_fields(exchange: Exchange, context: EventContext, now: datetime) -> dict[str, Any]:
     names = context.names
-    fields: dict[str, Any] = {"gateway.pseudonym.key_id": names.key_id}
+    fields: dict[str, Any] = {"gateway.pseudonym.key_id": scrub_text(names.key_id)}
     principal = exchange.principal
     if principal is None:
         if exchange.status == 401:
@@ -224,10 +266,10 @@ def _identity_fields(exchange: Exchange, context: EventContext, now: datetime) -
     fields["user.id"] = names.user(principal.subject)
     fields["related.user"] = names.older_users(principal.subject, now) or None
     if principal.tenant:
-        tenant = principal.tenant
-        fields["organization.id"] = names.tenant(tenant) if context.pseudonymize_tenant else tenant
-    fields["gateway.auth.method"] = principal.method
-    fields["gateway.key.id"] = principal.key_id
+        tenant, pseudonymize = principal.tenant, context.pseudonymize_tenant
+        fields["organization.id"] = names.tenant(tenant) if pseudonymize else scrub_text(tenant)
+    fields["gateway.auth.method"] = scrub_text(principal.method)
+    fields["gateway.key.id"] = _scrubbed(principal.key_id)
     return fields
 
 
@@ -262,16 +304,17 @@ def _ms(seconds: float | None) -> float | None:
 
 def _finding_fields(exchange: Exchange) -> dict[str, Any]:
     decisions = [
-        {"policy.id": d.policy_id, "policy.version": d.policy_version, "rule.id": d.rule_id,
-         "action": d.action, "mode": d.mode, "severity": d.severity, "direction": d.direction,
-         "policy_set.hash": d.policy_set_hash}
+        {"policy.id": scrub_text(d.policy_id), "policy.version": scrub_text(d.policy_version),
+         "rule.id": scrub_text(d.rule_id), "action": scrub_text(d.action),
+         "mode": scrub_text(d.mode), "severity": scrub_text(d.severity),
+         "direction": scrub_text(d.direction), "policy_set.hash": scrub_text(d.policy_set_hash)}
         for d in exchange.decisions
     ]  # fmt: skip
     return {
         "gateway.redactions": dict(exchange.redaction_counts) or None,
         "gateway.redactions.total": sum(exchange.redaction_counts.values()) or None,
         "gateway.policy.decisions": decisions or None,
-        "rule.id": sorted({d.rule_id for d in exchange.decisions}) or None,
+        "rule.id": [scrub_text(r) for r in sorted({d.rule_id for d in exchange.decisions})] or None,
     }
 
 
@@ -298,7 +341,16 @@ def security_event(
 
 
 def iso(moment: datetime) -> str:
-    return _aware(moment).astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """UTC, to the millisecond, with `Z`: `isoformat` cost a microsecond, so the text of the
+    whole second is formatted once and only the milliseconds per event."""
+    utc = moment if moment.tzinfo is UTC else _aware(moment).astimezone(UTC)
+    second = _second(utc.year, utc.month, utc.day, utc.hour, utc.minute, utc.second)
+    return f"{second}.{utc.microsecond // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _second(year: int, month: int, day: int, hour: int, minute: int, second: int) -> str:
+    return datetime(year, month, day, hour, minute, second).isoformat()
 
 
 def event_hash(record: Mapping[str, Any]) -> str:
@@ -307,23 +359,39 @@ def event_hash(record: Mapping[str, Any]) -> str:
 
 
 class Sink(Protocol):
+    """Where events go: `write` takes one line (no newline) and may hold it until `flush`;
+    `close` flushes. Errors are `OSError`."""
+
     name: str
 
     def write(self, line: str) -> None: ...
+
+    def flush(self) -> None: ...
 
     def close(self) -> None: ...
 
 
 class StdoutSink:
-    """The process's structlog output (stdout unless reconfigured), one line per event."""
+    """The process's structlog output (stdout unless reconfigured), one line per event, the
+    lines held until `flush` write in one call."""
 
     name = "stdout"
 
+    def __init__(self) -> None:
+        self._pending: list[str] = []
+
     def write(self, line: str) -> None:
-        structlog.get_config()["logger_factory"]().msg(line)
+        self._pending.append(line)
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        lines, self._pending = self._pending, []
+        structlog.get_config()["logger_factory"]().msg("\n".join(lines))
 
     def close(self) -> None:
-        """Nothing to release: the stream belongs to the logging configuration."""
+        """Flushes; the stream itself belongs to the logging configuration."""
+        self.flush()
 
 
 class RotatingFileSink:
@@ -335,15 +403,23 @@ class RotatingFileSink:
         self.path, self.max_bytes, self.backups = path, max_bytes, backups
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = path.open("a", encoding="utf-8")
-        self._size = self._file.tell()
+        self._size = self._file.tell()  # including the lines held in `_pending`
+        self._pending: list[str] = []
 
     def write(self, line: str) -> None:
-        data = line + "\n"
-        if self._size and self._size + len(data) > self.max_bytes:
+        size = (len(line) if line.isascii() else len(line.encode())) + 1
+        if self._size and self._size + size > self.max_bytes:
+            self.flush()
             self._rotate()
-        self._file.write(data)
+        self._pending.append(line)
+        self._size += size
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        lines, self._pending = self._pending, []
+        self._file.write("\n".join(lines) + "\n")
         self._file.flush()
-        self._size += len(data.encode())
 
     def _rotate(self) -> None:
         self._file.close()
@@ -356,11 +432,19 @@ class RotatingFileSink:
         self._size = 0
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self.flush()
+        finally:
+            self._file.close()
 
 
 class AuditWriter:
-    """Numbers, chains, scrubs and writes events to every sink (one chain per process stream)."""
+    """Numbers, chains, scrubs and writes events to every sink (one chain per process stream).
+
+    Inside an event loop the sinks are flushed once per loop iteration (all the events of
+    the iteration in one write), so the lines reach the operating system before the loop
+    does anything else; outside one, after every event. `close` flushes what is left.
+    """
 
     def __init__(
         self, sinks: Sequence[Sink], *, clock: Callable[[], datetime] | None = None
@@ -371,10 +455,16 @@ class AuditWriter:
         self.stream = f"{self._pid}-{secrets.token_hex(4)}"
         self._seq = 0
         self._previous = GENESIS
+        self._unflushed = 0
+        self._flushing: asyncio.Handle | None = None
+        self._counters: dict[str, Callable[[], None]] = {}
 
-    def write(self, event: Mapping[str, Any]) -> None:
-        record = scrub(event)
-        record.setdefault("@timestamp", iso(self._clock()))
+    def write(self, event: Mapping[str, Any], *, scrubbed: bool = False) -> None:
+        """Chains and writes `event`, scrubbed first unless the caller built it scrubbed
+        (`build_request_event` does: it is its own `scrub`)."""
+        record: dict[str, Any] = dict(event) if scrubbed else scrub(event)
+        if "@timestamp" not in record:
+            record["@timestamp"] = iso(self._clock())
         self._seq += 1
         record["gateway.audit.stream"] = self.stream
         record["gateway.audit.seq"] = self._seq
@@ -387,14 +477,48 @@ class AuditWriter:
             try:
                 sink.write(text)
             except OSError as exc:
-                metrics.AUDIT_WRITE_ERRORS.labels(sink.name).inc()
-                log.error("audit_write_failed", sink=sink.name, error=exc.strerror)
-        metrics.AUDIT_EVENTS.labels(record.get("event.dataset", "gateway.audit")).inc()
+                self._failed(sink, exc, 1)
+        self._count(record.get("event.dataset", "gateway.audit"))
+        self._unflushed += 1
+        self._schedule_flush()
+
+    def _count(self, dataset: str) -> None:
+        count = self._counters.get(dataset)
+        if count is None:  # the labelled counter, looked up once per dataset
+            count = self._counters[dataset] = metrics.AUDIT_EVENTS.labels(dataset).inc
+        count()
+
+    def _schedule_flush(self) -> None:
+        if self._flushing is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop: a command or a test
+            self.flush()
+            return
+        self._flushing = loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Hands the events written so far to every sink's destination."""
+        if self._flushing is not None:
+            self._flushing.cancel()
+            self._flushing = None
+        unflushed, self._unflushed = self._unflushed, 0
+        for sink in self._sinks:
+            try:
+                sink.flush()
+            except OSError as exc:
+                self._failed(sink, exc, unflushed)
+
+    def _failed(self, sink: Sink, exc: OSError, events: int) -> None:
+        metrics.AUDIT_WRITE_ERRORS.labels(sink.name).inc(events)
+        log.error("audit_write_failed", sink=sink.name, error=exc.strerror)
 
     def now(self) -> datetime:
         return self._clock()
 
     def close(self) -> None:
+        self.flush()
         for sink in self._sinks:
             sink.close()
 

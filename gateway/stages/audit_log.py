@@ -33,8 +33,8 @@ class AuditTrail:
     def record(self, exchange: Exchange) -> None:
         """Writes the event of a finished request and queues it for anomaly detection."""
         event = build_request_event(exchange, self.context, self.writer.now())
-        self.writer.write(event)
-        if self.detector is not None:
+        self.writer.write(event, scrubbed=True)
+        if self.detector is not None and teaches_detectors(exchange):
             self.detector.submit(self.observation(exchange, event))
 
     def observation(self, exchange: Exchange, event: Mapping[str, Any]) -> Observation:
@@ -78,6 +78,13 @@ class AuditTrail:
         self.writer.write(
             security_event("anomaly", category="intrusion_detection", kind="alert", fields=fields)
         )
+
+
+def teaches_detectors(exchange: Exchange) -> bool:
+    """Whether any detector can learn from the request: they follow principals and tenants,
+    refused logins (by address and credential) and rule decisions (canaries). An anonymous
+    request that no rule matched and that was not a 401 leaves their state as it was."""
+    return exchange.principal is not None or exchange.status == 401 or bool(exchange.decisions)
 
 
 def iso_seconds(at: float) -> str:

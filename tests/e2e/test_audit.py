@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+import signal
 import string
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,6 +22,7 @@ from gateway.exchange import Exchange, PolicyDecision, Principal
 from gateway.pipeline import Stage
 from gateway.sse import SseEvent
 from tests.conftest import PROVIDER_KEY, base_config
+from tests.e2e.processes import demo_config, free_port, gateway_process
 
 SEED = 20240501
 
@@ -278,3 +281,24 @@ async def test_an_auth_failure_burst_raises_an_anomaly_event_and_metric(
     async with aiohttp.ClientSession() as session, session.get(gw.url + "/metrics") as response:
         text = await response.text()
     assert 'gateway_anomalies_total{detector="auth_failure_burst_address",severity="high"}' in text
+
+
+@pytest.mark.slow
+async def test_a_graceful_shutdown_writes_every_buffered_event(tmp_path):
+    config = demo_config(free_port(), drain_delay=0.1, shutdown_timeout=10)
+    config["audit"] = {"sinks": ["file"], "file_path": str(tmp_path / "audit.log")}
+    async with gateway_process(config, tmp_path) as gateway:
+        client = gateway.client()
+        ids = [f"shutdown-{index}" for index in range(40)]
+        await asyncio.gather(*(
+            client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}],
+                extra_headers={"x-request-id": request_id},
+            )
+            for request_id in ids
+        ))  # fmt: skip
+        gateway.signal(signal.SIGTERM)
+        assert await gateway.wait_exit(15) == 0
+    text = file_sink_text(tmp_path)
+    assert sorted(e["http.request.id"] for e in audit_events(text)) == sorted(ids)
+    assert verify((str(i), line) for i, line in enumerate(text.splitlines())).intact

@@ -9,14 +9,19 @@ from dataclasses import dataclass
 import pytest
 from prometheus_client import REGISTRY
 
+from gateway import anomaly
 from gateway.anomaly import (
+    METRICS,
     Anomaly,
     AnomalyDetector,
     Baseline,
     MemoryStore,
     Observation,
     RedisStore,
+    Rolled,
+    Visit,
     fold,
+    scale,
 )
 from gateway.config import AnomalySettings, RedisSettings
 from gateway.errors import ServiceUnavailableError
@@ -216,3 +221,43 @@ async def test_replicas_sharing_redis_share_baselines_and_cooldowns(redis_server
     ]
     for replica in replicas:
         await replica.close()
+
+
+def expected_scores(settings: AnomalySettings, rolled: Rolled) -> list[str]:
+    """The detectors a minute should raise, by the plain formula for every metric."""
+    found = []
+    for metric in METRICS:
+        base = rolled.baselines.get(metric, Baseline())
+        spread = scale(base, metric, settings.relative_floor)
+        if (rolled.current.get(metric, 0.0) - base.mean) / spread >= settings.threshold:
+            found.append(f"{metric}_per_minute")
+    return found
+
+
+@pytest.mark.parametrize("threshold", [0.01, 0.5, 6.0])
+def test_scoring_skips_only_minutes_that_cannot_reach_the_threshold(threshold):
+    settings = AnomalySettings(threshold=threshold)
+    detector = AnomalyDetector(settings, MemoryStore(), lambda _: None)
+    rng = random.Random(9)
+    for _ in range(300):
+        baselines = {m: Baseline(rng.uniform(0, 100), rng.uniform(0, 20), 12)
+                     for m in METRICS if rng.random() < 0.8}  # fmt: skip
+        current = {m: rng.choice([rng.uniform(0, 150), baselines.get(m, Baseline()).mean])
+                   for m in METRICS}  # fmt: skip
+        rolled = Rolled(current, None, baselines, 12)
+        found: list[Anomaly] = []
+        detector._score("principal", "ps_alice", rolled, Observation(at=T0), found)
+        assert [a.detector for a in found] == expected_scores(settings, rolled)
+
+
+async def test_the_memory_store_forgets_expired_seen_sets_past_its_bound(monkeypatch):
+    monkeypatch.setattr(anomaly, "_MAX_SEEN_SETS", 3)
+    store = MemoryStore()
+
+    def seeing(*sets: tuple[str, float]) -> Visit:
+        return Visit("principal:ps_alice", {"requests": 1.0}, tuple((n, "m", t) for n, t in sets))
+
+    for name, ttl in (("old-1", -1.0), ("old-2", -1.0), ("kept-1", 60.0), ("kept-2", 60.0)):
+        await store.visit([seeing((name, ttl))], 0, 9, T0)
+    [again] = await store.visit([seeing(("old-1", 60.0), ("kept-1", 60.0))], 0, 9, T0)
+    assert again.new == [True, False]

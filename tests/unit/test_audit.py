@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
 import json
 import random
 import string
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from faker import Faker
+from prometheus_client import REGISTRY
 
 from gateway import audit
 from gateway.audit import (
@@ -21,6 +23,7 @@ from gateway.audit import (
     EventContext,
     Pseudonymizer,
     RotatingFileSink,
+    StdoutSink,
     build_request_event,
     emit_security_event,
     scrub,
@@ -62,6 +65,9 @@ class ListSink:
 
     def write(self, line: str) -> None:
         self.lines.append(line)
+
+    def flush(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -402,3 +408,192 @@ def test_security_events_fall_back_to_the_log_when_audit_is_off():
         configure_logging("info", "json")
     line = json.loads(buffer.getvalue())
     assert line["event"] == "security_event" and line["event_action"] == "policy_reload"
+
+
+def test_events_written_without_an_event_loop_reach_the_file_at_once(tmp_path):
+    path = tmp_path / "audit.log"
+    sink = RotatingFileSink(path, 10**9, 2)
+    write_events(AuditWriter([sink]), 2)
+    assert len(lines_of(path)) == 2
+    sink.close()
+
+
+# --- cheaper forms of the same output -------------------------------------------------------------
+
+
+def isoformat(moment: datetime) -> str:
+    """The formula `iso` replaces: what every event's timestamp must keep looking like."""
+    aware = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return aware.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def moments() -> list[datetime]:
+    edges = [datetime(2024, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+             datetime(2025, 1, 1, 0, 0, 0, 0, tzinfo=UTC),
+             datetime(2024, 2, 29, 12, 0, 0, 999, tzinfo=UTC),
+             datetime(2024, 2, 29, 12, 0, 0, 1000, tzinfo=UTC),
+             datetime(999, 1, 2, 3, 4, 5, 678_901, tzinfo=UTC),
+             datetime(2024, 5, 1, 11, 30, 0, 500_000, tzinfo=timezone(timedelta(hours=2))),
+             datetime(2024, 5, 1, 9, 30, 0, 250_000)]  # fmt: skip
+    start = datetime(2024, 5, 1, 9, 29, 59, 990_000, tzinfo=UTC)
+    return edges + [start + timedelta(microseconds=997 * step) for step in range(40)]
+
+
+@pytest.mark.parametrize("moment", moments())
+def test_timestamps_match_isoformat_across_second_boundaries(moment):
+    assert audit.iso(moment) == isoformat(moment)
+
+
+def test_timestamps_stay_right_when_seconds_come_back_out_of_order():
+    for moment in [*moments(), *reversed(moments())]:
+        assert audit.iso(moment) == isoformat(moment)
+
+
+def test_cached_pseudonyms_equal_the_uncached_hmac():
+    subjects = [Faker().email() for _ in range(50)]
+    first, second = names(), Pseudonymizer([("k1", KEY_B.encode())])
+    for _ in range(2):
+        for subject in subjects:
+            assert first.user(subject) == audit._hmac(KEY_A.encode(), "user", subject)
+            assert first.tenant(subject) == audit._hmac(KEY_A.encode(), "tenant", subject)
+            assert second.user(subject) == audit._hmac(KEY_B.encode(), "user", subject)
+    assert first.user(subjects[0]) != second.user(subjects[0])
+
+
+def test_the_scrubber_gives_the_same_answer_the_second_time(monkeypatch):
+    monkeypatch.setattr(audit, "_CLEAN_TEXTS", 8)
+    texts = [f"model-{index}" for index in range(20)] + generated_secrets()
+    first = [scrub_text(f"before {text} after") for text in texts]
+    second = [scrub_text(f"before {text} after") for text in texts]
+    assert first == second
+    assert first[:20] == [f"before model-{index} after" for index in range(20)]
+    assert len(audit._CLEAN) <= 8
+    assert not any(text in clean for text in generated_secrets() for clean in audit._CLEAN)
+
+
+def hostile_exchange(leak: list[str]) -> Exchange:
+    """Every field a client, a token or a config file fills, holding a personal or secret value."""
+    ex = full_exchange()
+    ex.request_id, ex.path, ex.method = leak[1], f"/v1/{leak[0]}/x", leak[4]
+    ex.error_code, ex.ratelimit_outcome, ex.anomalies = leak[2], leak[3], [leak[0]]
+    ex.route = Route(leak[0], leak[1], leak[2])
+    ex.model, ex.provider = leak[3], leak[4]
+    ex.principal = Principal(leak[0], tenant=leak[1], key_id=leak[2], method=leak[3])
+    ex.decisions = [PolicyDecision(*leak, leak[0], leak[1], leak[2])]
+    return ex
+
+
+def leaks(seed: int) -> list[str]:
+    fake = Faker()
+    fake.seed_instance(seed)
+    return [fake.email(), secret("sk-", 48), fake.ipv4_public(), fake_jwt(), secret("", 40)]
+
+
+@pytest.mark.parametrize("pseudonymize_tenant", [True, False])
+def test_a_request_event_is_built_scrubbed(pseudonymize_tenant):
+    leak = leaks(5)
+    context = EventContext(names(), {leak[4]: leak[0]}, pseudonymize_tenant)
+    event = build_request_event(hostile_exchange(leak), context, NOW)
+    assert scrub(event) == event
+    text = json.dumps(event)
+    assert "[email]" in text and "[secret]" in text
+    assert [value for value in leak if value in text] == []
+
+
+def test_the_writer_skips_its_scrub_only_for_events_built_scrubbed():
+    sink = ListSink()
+    writer = AuditWriter([sink], clock=lambda: NOW)
+    event = build_request_event(hostile_exchange(leaks(6)), EventContext(names(), {}), NOW)
+    writer.write(event, scrubbed=True)
+    writer.write(event)
+    first, second = (json.loads(line) for line in sink.lines)
+    chain = {"gateway.audit.seq", "gateway.audit.prev_hash"}
+    assert {k: v for k, v in first.items() if k not in chain} == {
+        k: v for k, v in second.items() if k not in chain
+    }
+
+
+# --- buffered sinks ------------------------------------------------------------------------------
+
+
+class CountingSink(ListSink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+async def test_events_of_one_loop_iteration_are_flushed_together_right_after_it():
+    sink = CountingSink()
+    writer = AuditWriter([sink])
+    write_events(writer, 5)
+    assert sink.flushes == 0
+    await asyncio.sleep(0)
+    assert sink.flushes == 1
+    write_events(writer, 1)
+    await asyncio.sleep(0)
+    assert sink.flushes == 2 and len(sink.lines) == 6
+
+
+async def test_the_file_sink_writes_at_the_end_of_the_iteration_and_on_close(tmp_path):
+    path = tmp_path / "audit.log"
+    sink = RotatingFileSink(path, 10**9, 2)
+    writer = AuditWriter([sink])
+    write_events(writer, 3)
+    assert lines_of(path) == []
+    await asyncio.sleep(0)
+    assert len(lines_of(path)) == 3
+    write_events(writer, 4)
+    audit.close_writer(writer)
+    assert len(lines_of(path)) == 7
+    assert verify(read_lines([path])).intact
+
+
+async def test_buffered_lines_still_rotate_within_the_size_limit(tmp_path):
+    path = tmp_path / "audit.log"
+    writer = AuditWriter([RotatingFileSink(path, 4096, 5)])
+    write_events(writer, 40)
+    writer.close()
+    rotated = sorted(tmp_path.glob("audit.log.*"), key=lambda p: -int(p.suffix[1:]))
+    assert rotated and all(p.stat().st_size <= 4096 for p in [*rotated, path])
+    verdict = verify(read_lines([*rotated, path]))
+    assert verdict.intact and verdict.events == 40
+
+
+async def test_the_stdout_sink_writes_an_iterations_events_in_one_write():
+    buffer = io.StringIO()
+    writes: list[str] = []
+    original = buffer.write
+
+    def record(text: str) -> int:
+        writes.append(text)
+        return original(text)
+
+    buffer.write = record  # type: ignore[method-assign]
+    configure_logging("info", "json", stream=buffer)
+    try:
+        writer = AuditWriter([StdoutSink()])
+        write_events(writer, 3)
+        await asyncio.sleep(0)
+    finally:
+        configure_logging("info", "json")
+    assert len(writes) == 1
+    assert [json.loads(line)["n"] for line in buffer.getvalue().splitlines()] == [0, 1, 2]
+
+
+class FailingSink(ListSink):
+    name = "failing"
+
+    def flush(self) -> None:
+        raise OSError(28, "No space left on device")
+
+
+async def test_a_failed_flush_counts_every_event_it_held():
+    before = REGISTRY.get_sample_value("gateway_audit_write_errors_total", {"sink": "failing"})
+    writer = AuditWriter([FailingSink()])
+    write_events(writer, 3)
+    await asyncio.sleep(0)
+    after = REGISTRY.get_sample_value("gateway_audit_write_errors_total", {"sink": "failing"})
+    assert (after or 0) - (before or 0) == 3

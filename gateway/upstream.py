@@ -271,8 +271,11 @@ async def _read_events(
         try:
             chunk = content.read_nowait()  # what already arrived needs no timer
             if not chunk and not content.at_eof():
-                async with asyncio.timeout(idle):
-                    chunk = await content.readany()
+                if idle is None:  # aiohttp's socket timeout applies; a timeout context per
+                    chunk = await content.readany()  # wait would cost more than the event
+                else:
+                    async with asyncio.timeout(idle):
+                        chunk = await content.readany()
         except TimeoutError as exc:
             raise _count(target, "timeout", UpstreamTimeoutError(_idle_message(target))) from exc
         except aiohttp.ClientError as exc:

@@ -10,7 +10,11 @@ target's whole process tree (master, workers, NER processes) read from /proc.
 The config adapts to the option names the checkout has: a feature whose section is missing is
 left out and listed as such.
 
-`python bench/full_pipeline.py [--rounds 3] [--duration 5] [--concurrency 32] [--quick]`
+`--per-feature` starts instead the bare gateway plus each feature on its own, then all of them
+(NER off, 1 worker), and adds each one's CPU over the bare gateway: what each feature costs.
+
+`python bench/full_pipeline.py [--rounds 3] [--duration 5] [--concurrency 32] [--quick]
+[--per-feature]`
 """
 
 from __future__ import annotations
@@ -149,6 +153,49 @@ def full_config(provider: str, redis_url: str, secret: str, ner: bool, features:
     return config
 
 
+Variant = tuple[str, dict[str, Any], int]  # label, config, workers
+
+
+def full_configs(provider: str, redis_url: str, secret: str, features: Features) -> list[Variant]:
+    """Every feature on, NER off and on, at 1 and 2 workers."""
+    variants = []
+    for ner in (False, True):
+        # Both variants have the same features but the NER switch; list them once.
+        noted = features if not ner else Features()
+        config = full_config(provider, redis_url, secret, ner, noted)
+        if ner and "redaction (NER off)" in features.included:
+            features.included.append("redaction (NER on)")
+        for workers in (1, 2):
+            label = f"full, NER {'on' if ner else 'off'}, {workers} worker"
+            variants.append((label + ("s" if workers > 1 else ""), config, workers))
+    return variants
+
+
+FEATURE_SECTIONS = {
+    "audit log": ("audit",),
+    "jwt auth": ("auth",),
+    "redis rate limits": ("limits", "redis"),
+    "shipped policies": ("policies",),
+    "redaction (NER off)": ("redaction",),
+}
+
+
+def per_feature_configs(
+    provider: str, redis_url: str, secret: str, features: Features
+) -> list[Variant]:
+    """`--per-feature`: the bare gateway plus one feature at a time, then all of them (NER
+    off), one worker each: what each feature costs on its own."""
+    full = full_config(provider, redis_url, secret, False, features)
+    variants = []
+    for label, sections in FEATURE_SECTIONS.items():
+        if label in features.included:
+            config = bare_config(provider)
+            config.update({key: full[key] for key in sections})
+            variants.append((f"only {label}", config, 1))
+    variants.append(("full, NER off, 1 worker", full, 1))
+    return variants
+
+
 def bare_config(provider: str) -> dict[str, Any]:
     """The gateway with every feature off: its core (routing, metrics, upstream client)."""
     config = {
@@ -249,8 +296,8 @@ def measure(target: Target, body: bytes, headers: dict[str, str], args: argparse
 
 
 def report(targets: list[Target], features: Features, args: argparse.Namespace) -> None:
-    direct, floor = targets[0], targets[1]
-    floor_cpu = median(floor.cpu_ms)
+    direct, floor, bare = targets[0], targets[1], targets[2]
+    floor_cpu, bare_cpu = median(floor.cpu_ms), median(bare.cpu_ms)
     print(f"\nIncluded: {', '.join(features.included)}")
     if features.missing:
         print(f"Not in this checkout (left out): {', '.join(features.missing)}")
@@ -261,11 +308,12 @@ def report(targets: list[Target], features: Features, args: argparse.Namespace) 
         added50 = median(t.p50) - median(direct.p50)
         added99 = median(t.p99) - median(direct.p99)
         cpu = median(t.cpu_ms)
+        over_bare = fmt(cpu - bare_cpu, 3) if t.cpu_ms and t is not floor else "-"
         rows.append([t.name, fmt(median(t.rps), 0), fmt(median(t.p50), 2), fmt(added50, 2),
-                     fmt(added99, 2), fmt(cpu, 2), fmt(ratio(cpu, floor_cpu), 2),
+                     fmt(added99, 2), fmt(cpu, 3), fmt(ratio(cpu, floor_cpu), 2), over_bare,
                      str(t.errors)])  # fmt: skip
     print_table(["target", "req/s", "p50 ms", "added p50 ms", "added p99 ms", "CPU ms/req",
-                 "CPU x floor", "errors"], rows)  # fmt: skip
+                 "CPU x floor", "CPU ms over all off", "errors"], rows)  # fmt: skip
     by_name = {t.name: t for t in targets}
     for ner in ("off", "on"):
         one, two = (
@@ -284,6 +332,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--latency-count", type=int, default=300)
     parser.add_argument("--quick", action="store_true", help="1 round, 2 s, 100 latency requests")
+    parser.add_argument(
+        "--per-feature", action="store_true",
+        help="each feature alone on the bare gateway, then all of them (NER off)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.duration, args.latency_count = 1, 2.0, 100
@@ -321,19 +373,15 @@ def main() -> None:
             bare = bare_config(provider.url)
             started.append(start_gateway("gateway, all off, 1 worker", bare, 1, tmp))
             targets.append(Target("gateway, all off, 1 worker", started[-1]))
-            for ner in (False, True):
-                # Both variants have the same features but the NER switch; list them once.
-                noted = features if not ner else Features()
-                config = full_config(provider.url, redis_url, secret, ner, noted)
-                if ner and "redaction (NER off)" in features.included:
-                    features.included.append("redaction (NER on)")
-                for workers in (1, 2):
-                    label = f"full, NER {'on' if ner else 'off'}, {workers} worker" + (
-                        "s" if workers > 1 else ""
-                    )
-                    gateway = start_gateway(label, config, workers, tmp)
-                    started.append(gateway)
-                    targets.append(Target(label, gateway))
+            variants = (
+                per_feature_configs(provider.url, redis_url, secret, features)
+                if args.per_feature
+                else full_configs(provider.url, redis_url, secret, features)
+            )
+            for label, config, workers in variants:
+                gateway = start_gateway(label, config, workers, tmp)
+                started.append(gateway)
+                targets.append(Target(label, gateway))
             for round_number in range(args.rounds):
                 print(f"round {round_number + 1}/{args.rounds}", file=sys.stderr)
                 for target in targets:

@@ -13,7 +13,9 @@ import aiohttp
 import openai
 import orjson
 import pytest
+import redis.asyncio as aioredis
 from faker import Faker
+from prometheus_client import REGISTRY
 
 from gateway import app as app_module
 from gateway.audit_verify import verify
@@ -281,6 +283,37 @@ async def test_an_auth_failure_burst_raises_an_anomaly_event_and_metric(
     async with aiohttp.ClientSession() as session, session.get(gw.url + "/metrics") as response:
         text = await response.text()
     assert 'gateway_anomalies_total{detector="auth_failure_burst_address",severity="high"}' in text
+
+
+async def test_with_redis_a_concurrent_burst_is_analysed_in_full_and_raised_once(
+    provider, start_gateway, log_buffer, tmp_path, seeded, guarded, redis_server
+):
+    config = audit_config(provider, tmp_path, anomaly={"auth_failures": 5})
+    gw = await start_gateway({**config, "redis": {"url": redis_server.url}})
+    errors = REGISTRY.get_sample_value("gateway_anomaly_errors_total") or 0
+    dropped = REGISTRY.get_sample_value("gateway_anomaly_dropped_total") or 0
+
+    async def refused(secret: str) -> None:
+        with pytest.raises(openai.AuthenticationError):
+            await gw.client(api_key=secret).models.list()
+
+    attempts = seeded.secrets * 6
+    await asyncio.gather(*(refused(secret) for secret in attempts))
+    await gw.app[app_module.AUDIT_TRAIL].detector.drain()
+    alerts = [e for e in audit_events(log_buffer.getvalue()) if e["event.action"] == "anomaly"]
+    by_address = [a["source.address"] for a in alerts if "source.address" in a]
+    by_key = [a["gateway.credential.fingerprint"] for a in alerts if "source.address" not in a]
+    assert by_address == ["127.0.0.0/24"], "one burst from one network, raised once"
+    assert len(by_key) == len(set(by_key)) == len(seeded.secrets), "each key's burst, once"
+    assert {a["gateway.anomaly.detector"] for a in alerts} == {
+        "auth_failure_burst_address", "auth_failure_burst_credential"
+    }  # fmt: skip
+    assert REGISTRY.get_sample_value("gateway_anomaly_errors_total") == errors
+    assert REGISTRY.get_sample_value("gateway_anomaly_dropped_total") == dropped
+    client = aioredis.Redis.from_url(redis_server.url)
+    window = "gateway:anomaly:w:auth_failure_burst_address:127.0.0.0/24"
+    assert await client.zcard(window) == len(attempts), "every refused login was analysed"
+    await client.aclose()
 
 
 @pytest.mark.slow

@@ -1,27 +1,29 @@
-"""Anomaly detection: robust baselines, rule detectors, cooldowns, the queue, shared Redis state."""
+"""Anomaly detection: robust baselines, rule detectors, cooldowns, the queue, batches, and
+shared Redis state (exactly as in memory, in two round trips per batch)."""
 
 from __future__ import annotations
 
 import asyncio
 import random
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pytest
+import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
+from redis.asyncio.connection import AbstractConnection
 
-from gateway import anomaly
-from gateway.anomaly import (
+from gateway import anomaly_state
+from gateway.anomaly import Anomaly, AnomalyDetector, Observation, fold, scale
+from gateway.anomaly_redis import RedisStore
+from gateway.anomaly_state import (
     METRICS,
-    Anomaly,
-    AnomalyDetector,
     Baseline,
     MemoryStore,
-    Observation,
-    RedisStore,
     Rolled,
+    Step,
     Visit,
-    fold,
-    scale,
+    Visited,
 )
 from gateway.config import AnomalySettings, RedisSettings
 from gateway.errors import ServiceUnavailableError
@@ -30,6 +32,7 @@ from tests.conftest import free_port
 T0 = 1714554000.0  # 2024-05-01 09:00:00 UTC
 TEAM = [("ps_alice", "acme"), ("ps_bob", "acme"), ("ps_carol", "acme"), ("ps_dave", "globex")]
 ADDRESS = "198.51.100.0/24"
+T = TypeVar("T")
 
 
 @dataclass
@@ -251,13 +254,207 @@ def test_scoring_skips_only_minutes_that_cannot_reach_the_threshold(threshold):
 
 
 async def test_the_memory_store_forgets_expired_seen_sets_past_its_bound(monkeypatch):
-    monkeypatch.setattr(anomaly, "_MAX_SEEN_SETS", 3)
+    monkeypatch.setattr(anomaly_state, "_MAX_SEEN_SETS", 3)
     store = MemoryStore()
 
     def seeing(*sets: tuple[str, float]) -> Visit:
         return Visit("principal:ps_alice", {"requests": 1.0}, tuple((n, "m", t) for n, t in sets))
 
+    async def visit(one: Visit) -> Visited:
+        [reading] = await store.read([Step((one,), 0, 9, T0)])
+        return reading.visited[0]
+
     for name, ttl in (("old-1", -1.0), ("old-2", -1.0), ("kept-1", 60.0), ("kept-2", 60.0)):
-        await store.visit([seeing((name, ttl))], 0, 9, T0)
-    [again] = await store.visit([seeing(("old-1", 60.0), ("kept-1", 60.0))], 0, 9, T0)
+        await visit(seeing((name, ttl)))
+    again = await visit(seeing(("old-1", 60.0), ("kept-1", 60.0)))
     assert again.new == [True, False]
+
+
+def random_traffic(rng: random.Random, count: int) -> list[Observation]:
+    """Four principals of two tenants (a token spike now and then), refused logins from two
+    addresses, errors, injections, canaries, rare models and endpoints, from 09:40 to past
+    10:00 (so that unusual-hour checks fire too), about four seconds apart."""
+    people = [("ps_a", "acme"), ("ps_b", "acme"), ("ps_c", "globex"), ("ps_d", "globex")]
+    at, found = T0 + 40 * 60 + rng.random() * 60, []
+    for _ in range(count):
+        at += rng.expovariate(1 / 4.0)
+        if rng.random() < 0.03:  # a few failed logins a second apart
+            for _ in range(rng.randint(1, 4)):
+                at += rng.random()
+                address, credential = f"203.0.{rng.randint(0, 1)}.0/24", rng.choice(["k1", "k2"])
+                found.append(Observation(at=at, address=address, status=401, credential=credential))
+            continue
+        principal, tenant = rng.choice(people)
+        spike = principal == "ps_b" and int(at // 60) % 13 == 0
+        found.append(request(
+            at, principal, tenant, address=ADDRESS, credential="k9",
+            model=rng.choice(["gpt-4o-mini"] * 12 + ["fast", "o1", None]),
+            endpoint=rng.choice(["chat.completions"] * 12 + ["responses"]),
+            status=rng.choice([200] * 20 + [500, 429, 403, 400]),
+            tokens=rng.randint(200, 300) * (10 if spike else 1),
+            violations=int(rng.random() < 0.05), injection_blocks=int(rng.random() < 0.04),
+            canary_leak=rng.random() < 0.005, redactions=rng.choice([0, 0, 0, 1, 2]),
+        ))  # fmt: skip
+    return found
+
+
+def in_batches(items: list[T], rng: random.Random) -> list[list[T]]:
+    batches, start = [], 0
+    while start < len(items):
+        size = rng.randint(1, 48)
+        batches.append(items[start : start + size])
+        start += size
+    return batches
+
+
+def spans_a_minute(batch: list[Observation]) -> bool:
+    """Whether one principal has requests on both sides of a minute boundary in the batch."""
+    minutes: dict[str | None, set[int]] = {}
+    for obs in batch:
+        minutes.setdefault(obs.principal, set()).add(int(obs.at // 60))
+    return any(len(seen) > 1 for who, seen in minutes.items() if who)
+
+
+async def state_under(client: aioredis.Redis, prefix: str) -> dict[str, object]:
+    """Every key under `prefix` (without it) and its value; windows as their scores."""
+    found: dict[str, object] = {}
+    async for raw in client.scan_iter(match=prefix + "*"):
+        key, kind = raw.decode().removeprefix(prefix), (await client.type(raw)).decode()
+        if kind == "hash":
+            found[key] = await client.hgetall(raw)
+        elif kind == "set":
+            found[key] = await client.smembers(raw)
+        elif kind == "zset":
+            found[key] = [score for _, score in await client.zrange(raw, 0, -1, withscores=True)]
+        else:
+            found[key] = await client.get(raw)
+        found[key + " expires"] = await client.ttl(raw) > 0
+    return found
+
+
+async def test_batches_raise_exactly_what_one_by_one_analysis_raises(store_url):
+    settings = {"min_history": 3, "cooldown": 120, "auth_failures": 3, "auth_window": 30,
+                "injection_blocks": 2, "hour_min_days": 0.01}  # fmt: skip
+    traffic = random_traffic(random.Random(11), 700)
+    batches = in_batches(traffic, random.Random(12))
+    assert sum(spans_a_minute(batch) for batch in batches) >= 10
+    prefixes = ("t:one:", "t:many:")
+    stores = [MemoryStore() if store_url is None else
+              RedisStore(RedisSettings(url=store_url, timeout=1.0), prefix=prefix)
+              for prefix in prefixes]  # fmt: skip
+    one, one_raised = detector_with(stores[0], **settings)
+    many, many_raised = detector_with(stores[1], **settings)
+    for obs in traffic:
+        await one.observe(obs)
+    for batch in batches:
+        await many.observe_batch(batch)
+
+    assert many_raised == one_raised
+    assert {a.detector for a in one_raised} == {
+        "auth_failure_burst_address", "auth_failure_burst_credential", "canary_leak",
+        "first_endpoint_use", "first_model_use", "prompt_injection_repeated",
+        "tokens_per_minute", "unusual_hour",
+    }  # fmt: skip
+    if store_url is not None:
+        client = aioredis.Redis.from_url(store_url)
+        assert await state_under(client, prefixes[1]) == await state_under(client, prefixes[0])
+        await client.aclose()
+    for store in stores:
+        await store.close()
+
+
+async def test_one_read_of_many_steps_finds_what_reading_each_alone_finds(store_url):
+    settings = RedisSettings(url=store_url, timeout=1.0)
+    stores = [MemoryStore() if store_url is None else RedisStore(settings, prefix=prefix)
+              for prefix in ("t:one:", "t:many:")]  # fmt: skip
+    detector, _ = detector_with(MemoryStore(), hour_min_days=0.01)
+    steps = [detector._step(obs) for obs in random_traffic(random.Random(5), 400)]
+    alone = [reading for step in steps for reading in await stores[0].read([step])]
+    together = []
+    for batch in in_batches(steps, random.Random(6)):
+        together += await stores[1].read(batch)
+    assert together == alone
+    for store in stores:
+        await store.close()
+
+
+@dataclass
+class RoundTrips:
+    count: int = 0
+
+
+@pytest.fixture
+def round_trips(monkeypatch) -> RoundTrips:
+    """Counts what every async Redis connection sends: one send per round trip."""
+    trips, send = RoundTrips(), AbstractConnection.send_packed_command
+
+    async def counted(self, *args, **kwargs):
+        trips.count += 1
+        await send(self, *args, **kwargs)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
+    return trips
+
+
+async def test_a_batch_is_read_in_one_round_trip_and_written_in_one(redis_server, round_trips):
+    store = RedisStore(RedisSettings(url=redis_server.url, timeout=1.0))
+    detector, raised = detector_with(store, min_history=1, auth_failures=3)
+    await detector.observe(request(T0, "ps_alice", "acme"))  # connects
+    quiet = [request(T0 + 1 + i, principal, tenant) for i, (principal, tenant) in
+             enumerate(TEAM * 10)]  # fmt: skip
+    before = round_trips.count
+    assert await detector.observe_batch(quiet) == []
+    assert round_trips.count == before + 1, "nothing to write: one read"
+
+    busy = [request(T0 + 60 + i, principal, tenant) for i, (principal, tenant) in
+            enumerate(TEAM * 10)]  # fmt: skip
+    busy += [Observation(at=T0 + 100 + i, address=ADDRESS, status=401) for i in range(10)]
+    busy += [request(T0 + 119, "ps_bob", "acme", canary_leak=True)]
+    before = round_trips.count
+    found = await detector.observe_batch(busy)
+    assert round_trips.count == before + 2, "minutes closed and anomalies: one read, one write"
+    assert sorted(a.detector for a in found) == ["auth_failure_burst_address", "canary_leak"]
+    assert raised == found
+    await store.close()
+
+
+async def test_a_flushed_script_is_loaded_again(redis_server):
+    store = RedisStore(RedisSettings(url=redis_server.url, timeout=1.0))
+    detector, raised = detector_with(store)
+    await detector.observe(request(T0, "ps_alice", "acme"))
+    client = aioredis.Redis.from_url(redis_server.url)
+    await client.script_flush()
+    await detector.observe(request(T0 + 1, "ps_alice", "acme", canary_leak=True))
+    assert [a.detector for a in raised] == ["canary_leak"]
+    assert await client.hget("gateway:anomaly:m:principal:ps_alice", "c:requests") == b"2"
+    await client.aclose()
+    await store.close()
+
+
+async def test_a_fast_burst_of_5000_requests_is_analysed_in_full(redis_server, round_trips):
+    """Bursts of 32 (as from 32 requests in flight) with one loop turn between them: every
+    request is analysed, none dropped at the default queue size, in batches of at least a
+    burst. (5000 fit the default queue of 10000 in any case: what this shows is that the
+    consumer batches what queued while it waited for Redis.)"""
+    store = RedisStore(RedisSettings(url=redis_server.url, timeout=1.0))
+    detector, raised = detector_with(store)
+    detector.start()
+    dropped = REGISTRY.get_sample_value("gateway_anomaly_dropped_total") or 0
+    errors = REGISTRY.get_sample_value("gateway_anomaly_errors_total") or 0
+    before, total, burst = round_trips.count, 5000, 32
+    for start in range(0, total, burst):
+        for index in range(start, min(start + burst, total)):
+            principal, tenant = TEAM[index % len(TEAM)]
+            detector.submit(request(T0 + index * 0.01, principal, tenant))
+        await asyncio.sleep(0)
+    await asyncio.wait_for(detector.drain(), 30)
+
+    assert REGISTRY.get_sample_value("gateway_anomaly_dropped_total") == dropped
+    assert REGISTRY.get_sample_value("gateway_anomaly_errors_total") == errors
+    assert round_trips.count - before <= -(-total // burst), "one read per burst at most"
+    client = aioredis.Redis.from_url(redis_server.url)
+    counted = [await client.hget(f"gateway:anomaly:m:principal:{p}", "c:requests") for p, _ in TEAM]
+    assert sum(float(count) for count in counted) == total
+    await client.aclose()
+    assert raised == []
+    await detector.close()

@@ -1,0 +1,257 @@
+"""The anomaly detectors' state in Redis, shared by every replica.
+
+Owns the batch script (a batch's visits and window events, in order, in one EVALSHA), its
+encoding, the decoding of its reply, and the batch's writes (baselines, cooldown claims) in
+one pipeline. Redis errors become `ServiceUnavailableError` here. Must give exactly what
+`MemoryStore` gives; must not score anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from redis.exceptions import NoScriptError, RedisError
+
+from gateway.anomaly_state import (
+    METRICS,
+    STATE_TTL,
+    Baseline,
+    Claim,
+    Reading,
+    Rolled,
+    Save,
+    Step,
+    Visit,
+    Visited,
+)
+from gateway.config import RedisSettings
+from gateway.errors import ServiceUnavailableError
+from gateway.redis_client import open_redis
+
+# The one script a batch is read with: its requests' visits and window events, in order,
+# atomically. KEYS: every key the batch uses, once. ARGV[1]: JSON [ttls, ops], ttls[i] the TTL
+# of KEYS[i] (set once, at the end). An op is a visit {1, minute hash, hours hash (KEYS
+# indexes), minute, hour, now, index in `sets` of the set counting new models (0: none), sets
+# (KEYS indexes), their members, metric names, values} or a window event {2, sorted set, now,
+# now - window, member}. A visit adds the members (new or not), rolls the minute (a new minute
+# returns the closed one's counts and starts afresh) and counts the hour. Returns JSON, per op
+# in order: a visit's {closed counts or false, counts after it (both in names order), new
+# flags, minute hash, hours hash before it}, the two hashes only the first time the batch uses
+# the key, else false (the baselines in the minute hash do not change during the script, and
+# each later visit adds one to its hour); a window's count of events.
+_READ = """
+local batch = cjson.decode(ARGV[1])
+local ttls, ops, out, sent, minutes = batch[1], batch[2], {}, {}, {}
+local function visit(op)
+  local m, h, minute = KEYS[op[2]], KEYS[op[3]], op[4]
+  local sets, members, names, values = op[8], op[9], op[10], op[11]
+  local new = {}
+  for i = 1, #sets do new[i] = redis.call('SADD', KEYS[sets[i]], members[i]) end
+  if op[7] > 0 then names[#names + 1], values[#values + 1] = 'models', new[op[7]] end
+  local current = minutes[m] or tonumber(redis.call('HGET', m, 'minute') or '-1')
+  local closed = false
+  if current < minute then
+    if current >= 0 then
+      closed = {}
+      for i = 1, #names do closed[i] = redis.call('HGET', m, 'c:' .. names[i]) or '0' end
+    end
+    for i = 1, #names do redis.call('HDEL', m, 'c:' .. names[i]) end
+    redis.call('HSET', m, 'minute', minute)
+    current = minute
+  end
+  minutes[m] = current
+  local counts = {}
+  for i = 1, #names do counts[i] = redis.call('HINCRBYFLOAT', m, 'c:' .. names[i], values[i]) end
+  local state, hours = false, false
+  if not sent[m] then
+    sent[m], state = true, redis.call('HGETALL', m)
+    redis.call('HSETNX', h, 'first', op[6])
+    hours = redis.call('HGETALL', h)
+  end
+  redis.call('HINCRBY', h, op[5], 1)
+  return {closed, counts, new, state, hours}
+end
+local function window(op)
+  local key = KEYS[op[2]]
+  redis.call('ZADD', key, op[3], op[5])
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', op[4])
+  return redis.call('ZCARD', key)
+end
+for i = 1, #ops do
+  if ops[i][1] == 1 then out[i] = visit(ops[i]) else out[i] = window(ops[i]) end
+end
+for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ttls[i]) end
+return cjson.encode(out)
+"""
+_HOURS = [str(hour) for hour in range(24)]
+_READ_SHA = hashlib.sha1(_READ.encode(), usedforsecurity=False).hexdigest()
+_CLAIM = """
+local ends = tonumber(redis.call('GET', KEYS[1]) or '-1')
+if ends > tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1] + ARGV[2], 'EX', math.ceil(ARGV[2]) + 60)
+return 1
+"""
+
+
+@dataclass(slots=True)
+class _Ops:
+    """A batch on its way to `_READ`: every key once (with its TTL), and the operations."""
+
+    keys: dict[str, int] = field(default_factory=dict)
+    ttls: list[int] = field(default_factory=list)
+    ops: list[list[Any]] = field(default_factory=list)
+
+    def slot(self, key: str, ttl: int) -> int:
+        """The key's index in KEYS (from 1); its TTL is the last one given, as if set each time."""
+        slot = self.keys.get(key)
+        if slot is None:
+            slot = self.keys[key] = len(self.ttls) + 1
+            self.ttls.append(ttl)
+        self.ttls[slot - 1] = ttl
+        return slot
+
+
+class RedisStore:
+    """State shared by every replica; Redis errors become `ServiceUnavailableError` here.
+
+    A batch is read with one EVALSHA of `_READ` (applied atomically, in order) and written in
+    one pipeline: at most two round trips per batch."""
+
+    def __init__(self, settings: RedisSettings, prefix: str = "gateway:anomaly:") -> None:
+        self._redis = open_redis(settings)
+        self._prefix = prefix
+        self._ids = itertools.count()
+
+    async def read(self, steps: Sequence[Step]) -> list[Reading]:
+        if not steps:
+            return []
+        ops = _Ops()
+        for step in steps:
+            ops.ops += [self._visit_op(ops, visit, step) for visit in step.visits]
+            ops.ops += [self._window_op(ops, key, window, step.now) for key, window in step.windows]
+        if not ops.ops:  # nobody to follow (anonymous requests that only matched rules)
+            return [Reading([], []) for _ in steps]
+        reply = await self._read(list(ops.keys), orjson.dumps([ops.ttls, ops.ops]))
+        return _readings(steps, orjson.loads(reply))
+
+    async def _read(self, keys: list[str], payload: bytes) -> Any:
+        command: list[str | int | bytes] = ["EVALSHA", _READ_SHA, len(keys), *keys, payload]
+        try:
+            try:
+                return await self._redis.execute_command(*command)
+            except NoScriptError:  # Redis restarted or flushed its scripts: load once, run again
+                await self._redis.execute_command("SCRIPT", "LOAD", _READ)
+                return await self._redis.execute_command(*command)
+        except (RedisError, OSError) as exc:
+            raise ServiceUnavailableError("Anomaly state in Redis is unavailable.") from exc
+
+    def _visit_op(self, ops: _Ops, visit: Visit, step: Step) -> list[Any]:
+        hashes = [ops.slot(self._prefix + part + visit.key, STATE_TTL) for part in ("m:", "h:")]
+        sets = [ops.slot(self._prefix + "s:" + key, int(ttl) + 1) for key, _, ttl in visit.seen]
+        members = [member for _, member, _ in visit.seen]
+        return [1, *hashes, step.minute, str(step.hour), repr(step.now), _models_from(visit),
+                sets, members, list(visit.counts), list(visit.counts.values())]  # fmt: skip
+
+    def _window_op(self, ops: _Ops, key: str, window: float, now: float) -> list[Any]:
+        slot = ops.slot(self._prefix + "w:" + key, int(window) + 60)
+        member = f"{now!r}:{next(self._ids)}:{id(self)}"
+        return [2, slot, repr(now), repr(now - window), member]
+
+    async def write(self, saves: Sequence[Save], claims: Sequence[Claim]) -> list[bool]:
+        commands = [self._save_command(save) for save in saves]
+        commands += [["EVAL", _CLAIM, 1, self._prefix + "c:" + claim.key, claim.now,
+                      claim.cooldown] for claim in claims]  # fmt: skip
+        if not commands:
+            return []
+        replies = await self._pipeline(commands)
+        return [bool(reply) for reply in replies[len(saves) :]]
+
+    def _save_command(self, save: Save) -> list[Any]:
+        values: list[str] = ["history", str(save.history)]
+        for metric, base in save.baselines.items():
+            values += [f"e:{metric}", repr(base.mean), f"d:{metric}", repr(base.spread),
+                       f"n:{metric}", str(base.count)]  # fmt: skip
+        return ["HSET", self._prefix + "m:" + save.key, *values]
+
+    async def _pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Runs `commands` in one round trip (in order, not atomically); replies in order."""
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                return list(await pipe.execute())
+        except (RedisError, OSError) as exc:
+            raise ServiceUnavailableError("Anomaly state in Redis is unavailable.") from exc
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def _models_from(visit: Visit) -> int:
+    """The index (from 1) of the seen set whose new members count as new models; 0: none."""
+    if visit.new_model is not None:
+        for index, (key, _, _) in enumerate(visit.seen, 1):
+            if key == visit.new_model:
+                return index
+    return 0
+
+
+@dataclass(slots=True)
+class _Known:
+    """Per identity, the baselines and the hourly counts `_READ` sent the first time a batch
+    used it; each later visit of the batch sees the same baselines and one more in its hour."""
+
+    baselines: dict[str, tuple[dict[str, Baseline], int]] = field(default_factory=dict)
+    hours: dict[str, tuple[list[float], float]] = field(default_factory=dict)
+
+    def visited(self, visit: Visit, hour: int, reply: list[Any]) -> Visited:
+        closed, counts, new, state, hours = reply
+        if state:
+            self.baselines[visit.key] = _baselines(state)
+        if hours:
+            self.hours[visit.key] = _hours(hours)
+        # Shared by the identity's visits in the batch: the detector never changes a Rolled's
+        # baselines in place (it folds into a new mapping).
+        baselines, history = self.baselines[visit.key]
+        counted, first = self.hours[visit.key]
+        before = counted.copy()
+        counted[hour] += 1
+        names = list(visit.counts)
+        if len(counts) > len(names):  # the script added the `models` count
+            names.append("models")
+        current = dict(zip(names, map(float, counts), strict=True))
+        ended = dict(zip(names, map(float, closed), strict=True)) if closed else None
+        added = [bool(n) for n in new] if isinstance(new, list) else []  # cjson: {} when empty
+        added += [False] * (len(visit.seen) - len(added))
+        return Visited(Rolled(current, ended, baselines, history), added, (before, first))
+
+
+def _readings(steps: Sequence[Step], replies: list[Any]) -> list[Reading]:
+    """Each step's `Reading`, from `_READ`'s replies (one per visit, then one per window)."""
+    known, answers = _Known(), iter(replies)
+    readings = []
+    for step in steps:
+        visited = [known.visited(visit, step.hour, next(answers)) for visit in step.visits]
+        readings.append(Reading(visited, [int(next(answers)) for _ in step.windows]))
+    return readings
+
+
+def _baselines(flat: list[str]) -> tuple[dict[str, Baseline], int]:
+    """The baselines and history in an identity's minute hash (HGETALL's flat list)."""
+    state = dict(zip(flat[::2], flat[1::2], strict=True))
+    baselines = {
+        m: Baseline(float(state[f"e:{m}"]), float(state[f"d:{m}"]), int(state[f"n:{m}"]))
+        for m in METRICS if f"e:{m}" in state
+    }  # fmt: skip
+    return baselines, int(state.get("history", 0))
+
+
+def _hours(flat: list[str]) -> tuple[list[float], float]:
+    """The 24 hourly counts and the first use in an identity's hours hash (HGETALL's list)."""
+    values = dict(zip(flat[::2], flat[1::2], strict=True))
+    return [float(values.get(h, 0)) for h in _HOURS], float(values["first"])

@@ -120,9 +120,10 @@ class RedisStore:
     """State shared by every replica; Redis errors become `ServiceUnavailableError` here.
 
     A batch is read with one EVALSHA of `_READ` (applied atomically, in order) and written in
-    one pipeline: at most two round trips per batch."""
+    one pipeline: at most two round trips per batch. Every key carries one hash tag, so on
+    Redis Cluster a batch's keys share a slot (all detector state sits on one shard)."""
 
-    def __init__(self, settings: RedisSettings, prefix: str = "gateway:anomaly:") -> None:
+    def __init__(self, settings: RedisSettings, prefix: str = "{gateway:anomaly}:") -> None:
         self._redis = open_redis(settings)
         self._prefix = prefix
         self._ids = itertools.count()

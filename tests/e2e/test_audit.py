@@ -311,7 +311,7 @@ async def test_with_redis_a_concurrent_burst_is_analysed_in_full_and_raised_once
     assert REGISTRY.get_sample_value("gateway_anomaly_errors_total") == errors
     assert REGISTRY.get_sample_value("gateway_anomaly_dropped_total") == dropped
     client = aioredis.Redis.from_url(redis_server.url)
-    window = "gateway:anomaly:w:auth_failure_burst_address:127.0.0.0/24"
+    window = "{gateway:anomaly}:w:auth_failure_burst_address:127.0.0.0/24"
     assert await client.zcard(window) == len(attempts), "every refused login was analysed"
     await client.aclose()
 

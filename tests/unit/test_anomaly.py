@@ -426,7 +426,7 @@ async def test_a_flushed_script_is_loaded_again(redis_server):
     await client.script_flush()
     await detector.observe(request(T0 + 1, "ps_alice", "acme", canary_leak=True))
     assert [a.detector for a in raised] == ["canary_leak"]
-    assert await client.hget("gateway:anomaly:m:principal:ps_alice", "c:requests") == b"2"
+    assert await client.hget("{gateway:anomaly}:m:principal:ps_alice", "c:requests") == b"2"
     await client.aclose()
     await store.close()
 
@@ -453,7 +453,9 @@ async def test_a_fast_burst_of_5000_requests_is_analysed_in_full(redis_server, r
     assert REGISTRY.get_sample_value("gateway_anomaly_errors_total") == errors
     assert round_trips.count - before <= -(-total // burst), "one read per burst at most"
     client = aioredis.Redis.from_url(redis_server.url)
-    counted = [await client.hget(f"gateway:anomaly:m:principal:{p}", "c:requests") for p, _ in TEAM]
+    counted = [
+        await client.hget(f"{{gateway:anomaly}}:m:principal:{p}", "c:requests") for p, _ in TEAM
+    ]
     assert sum(float(count) for count in counted) == total
     await client.aclose()
     assert raised == []

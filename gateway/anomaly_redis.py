@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from gateway.anomaly_state import (
     METRICS,
@@ -148,7 +148,7 @@ class RedisStore:
             except NoScriptError:  # Redis restarted or flushed its scripts: load once, run again
                 await self._redis.execute_command("SCRIPT", "LOAD", _READ)
                 return await self._redis.execute_command(*command)
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise ServiceUnavailableError("Anomaly state in Redis is unavailable.") from exc
 
     def _visit_op(self, ops: _Ops, visit: Visit, step: Step) -> list[Any]:
@@ -186,7 +186,7 @@ class RedisStore:
                 for command in commands:
                     pipe.execute_command(*command)
                 return list(await pipe.execute())
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise ServiceUnavailableError("Anomaly state in Redis is unavailable.") from exc
 
     async def close(self) -> None:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from gateway import metrics
 from gateway.config import LimitSettings, LimitValues, RedisSettings
@@ -138,7 +138,7 @@ class RedisBackend:
                 return await command
         except NoScriptError:
             raise
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             raise _unavailable(exc) from exc
 
 

@@ -192,8 +192,12 @@ async def test_submit_never_waits_and_a_full_queue_drops_and_counts():
     await detector.close()
 
 
-async def test_redis_errors_are_translated_and_the_consumer_keeps_going():
-    store = RedisStore(RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0", timeout=0.2))
+@pytest.mark.parametrize("mode", ["standalone", "cluster"])
+async def test_redis_errors_are_translated_and_the_consumer_keeps_going(redis_server, mode):
+    # standalone: nothing listens; cluster: a standalone server answers a Cluster client,
+    # which raises redis-py's cluster error (not a RedisError)
+    url = f"redis://127.0.0.1:{free_port()}/0" if mode == "standalone" else redis_server.url
+    store = RedisStore(RedisSettings(url=url, mode=mode, timeout=0.2))
     detector, raised = detector_with(store)
     with pytest.raises(ServiceUnavailableError):
         await detector.observe(request(T0, "ps_alice", "acme"))

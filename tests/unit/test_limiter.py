@@ -388,3 +388,17 @@ async def test_dead_redis_fails_open_to_memory_and_recovers(redis_server):
         assert not limiter.breaker.is_open
     finally:
         await limiter.close()
+
+
+async def test_a_cluster_client_that_cannot_reach_a_cluster_fails_closed(redis_server):
+    """A Cluster-mode client pointed at a standalone server raises redis-py's cluster error
+    (not a RedisError); the limiter must still turn it into its failure mode."""
+    settings = LimitSettings(enabled=True, backend="redis", failure_mode="closed")
+    redis = RedisSettings(url=redis_server.url, mode="cluster", timeout=0.5, connect_timeout=0.5)
+    limiter = Limiter(settings, redis)
+    try:
+        with pytest.raises(ServiceUnavailableError):
+            await limiter.reserve(ask(rate(100, key=uuid.uuid4().hex)))
+        assert await limiter.check_ready() is not None
+    finally:
+        await limiter.close()

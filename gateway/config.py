@@ -344,6 +344,13 @@ class RedactionSettings(Section):
         100_000, ge=1, le=1_000_000, description="Longest single text analyzed (longer: 413)."
     )
     timeout: float = Field(5.0, gt=0, description="Seconds an analysis may take before 503.")
+    in_process_chars: int = Field(
+        0, ge=0, le=20_000,
+        description="Opt-in, rules without NER types only: a request's analysis of at most this "
+        "many characters runs in the gateway process (which then loads the analyzer too, about "
+        "+125 MB), holding its event loop ~2.5 ms per 1000; more goes to the workers. "
+        "0 (default): always the workers.",
+    )  # fmt: skip
     phone_regions: tuple[str, ...] = Field(
         ("US",),
         description="Regions whose national phone formats are checked (+-prefixed always are).",

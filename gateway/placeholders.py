@@ -12,6 +12,13 @@ import re
 from typing import Any
 
 PLACEHOLDER = re.compile(r"<[A-Z][A-Z0-9_]*_\d+>")
+_AROUND_PLACEHOLDERS = re.compile(f"({PLACEHOLDER.pattern})")
+"""Splits a text into plain pieces and placeholders (at the odd positions)."""
+_JSON_SPECIAL = re.compile(r'["\\\x00-\x1f]')
+"""What `json.dumps(..., ensure_ascii=False)` escapes in a string: quote, backslash, controls."""
+_CONTAINERS = (dict, list)
+_SCALARS = frozenset({int, float, bool, type(None)})
+"""JSON values with nothing to restore, skipped by exact type: `isinstance` is slow to say no."""
 
 
 def placeholder(entity: str, number: int) -> str:
@@ -19,30 +26,49 @@ def placeholder(entity: str, number: int) -> str:
 
 
 def json_escaped(table: dict[str, str]) -> dict[str, str]:
-    """The same table with values escaped for use inside a JSON string (tool arguments)."""
-    return {key: json.dumps(value, ensure_ascii=False)[1:-1] for key, value in table.items()}
+    """The same table with values escaped for use inside a JSON string (tool arguments);
+    `table` itself when no value needs escaping (callers only read it)."""
+    if _JSON_SPECIAL.search("".join(table.values())) is None:
+        return table
+    return {key: _escaped(value) for key, value in table.items()}
+
+
+def _escaped(value: str) -> str:
+    # Most values (addresses, numbers) hold nothing JSON escapes: skip the encoder for them.
+    if _JSON_SPECIAL.search(value) is None:
+        return value
+    return json.dumps(value, ensure_ascii=False)[1:-1]
 
 
 def restore_text(text: str, table: dict[str, str]) -> str:
     """Replaces the placeholders in `table`; others (e.g. invented by the model) stay."""
     if "<" not in text:
         return text
-    return PLACEHOLDER.sub(lambda m: table.get(m.group(), m.group()), text)
+    # One pass, like `PLACEHOLDER.sub`, without a Python call per placeholder.
+    pieces = _AROUND_PLACEHOLDERS.split(text)
+    pieces[1::2] = [table.get(found, found) for found in pieces[1::2]]
+    return "".join(pieces)
 
 
 def restore_tree(node: Any, table: dict[str, str], escaped: dict[str, str]) -> Any:
     """Restores every string in a JSON tree; `arguments` strings get JSON-escaped values."""
     if isinstance(node, dict):
         for key, value in node.items():
+            if type(value) in _SCALARS:
+                continue
             if isinstance(value, str):
-                node[key] = restore_text(value, escaped if key == "arguments" else table)
-            elif isinstance(value, dict | list):
+                if "<" in value:
+                    node[key] = restore_text(value, escaped if key == "arguments" else table)
+            elif isinstance(value, _CONTAINERS):
                 restore_tree(value, table, escaped)
     elif isinstance(node, list):
         for index, value in enumerate(node):
+            if type(value) in _SCALARS:
+                continue
             if isinstance(value, str):
-                node[index] = restore_text(value, table)
-            elif isinstance(value, dict | list):
+                if "<" in value:
+                    node[index] = restore_text(value, table)
+            elif isinstance(value, _CONTAINERS):
                 restore_tree(value, table, escaped)
     return node
 

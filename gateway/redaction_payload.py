@@ -19,6 +19,7 @@ from gateway.errors import ContentPolicyError, InvalidRequestError
 from gateway.redaction_rules import RedactionRules
 
 NON_TEXT_PARTS = {"image_url", "input_image", "input_audio", "input_file", "file"}
+_CONTAINERS = (dict, list)
 
 
 @dataclass(slots=True)
@@ -71,7 +72,7 @@ def _list(value: Any) -> list[Any]:
 
 def _string(found: Collected, container: Any, key: str | int, where: str) -> bool:
     """Collects `container[key]` if it is a string; says whether it was."""
-    if isinstance(container, dict | list) and isinstance(_get(container, key), str):
+    if isinstance(container, _CONTAINERS) and isinstance(_get(container, key), str):
         found.slots.append(Slot(container, key, where))
         return True
     return False
@@ -88,11 +89,13 @@ def _message(found: Collected, message: Any, where: str, rules: RedactionRules) 
         return
     _content(found, message, "content", f"{where}.content", rules)
     for key in ("name", "refusal"):
-        _string(found, message, key, f"{where}.{key}")
+        if isinstance(message.get(key), str):  # names are built only for what is there
+            found.slots.append(Slot(message, key, f"{where}.{key}"))
     for index, call in enumerate(_list(message.get("tool_calls"))):
         if isinstance(call, dict):
             _arguments(found, call.get("function"), f"{where}.tool_calls[{index}].function")
-    _arguments(found, message.get("function_call"), f"{where}.function_call")
+    if "function_call" in message:
+        _arguments(found, message["function_call"], f"{where}.function_call")
 
 
 def _content(found: Collected, holder: Any, key: str, where: str, rules: RedactionRules) -> None:

@@ -9,6 +9,7 @@ self-contained and frozen. Must not import anything but pydantic and the standar
 from __future__ import annotations
 
 import re
+from functools import cached_property
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -74,6 +75,9 @@ class EntityRule(BaseModel):
     restore: bool = Field(
         True, description="Put the original value back into the answer (pseudonymize only)."
     )
+
+
+_ALLOWED = EntityRule(action="allow")
 
 
 def _pii(threshold: float | None = None) -> EntityRule:
@@ -148,16 +152,43 @@ class RedactionRules(BaseModel):
                 raise ValueError(f"allow pattern {pattern!r} is not a valid regex: {exc}") from exc
         return value
 
-    def detected(self) -> tuple[str, ...]:
+    # Views derived from the fields, built on first use and kept: rules are frozen and shared
+    # by every request, so the request path must not rebuild them. (Build changed rules with
+    # the constructor: `model_copy(update=...)` would carry these views over unchanged.)
+
+    @cached_property
+    def detected_entities(self) -> tuple[str, ...]:
         """Entity types the analyzer must look for (sorted; `allow` and the deny-list excluded)."""
         return tuple(sorted(
             name for name, rule in self.entities.items()
             if rule.action != "allow" and name != DENY_LIST_ENTITY
         ))  # fmt: skip
 
+    @cached_property
+    def allowed_values(self) -> frozenset[str]:
+        """The `allow` list, case-folded."""
+        return frozenset(value.casefold() for value in self.allow)
+
+    @cached_property
+    def allow_regexes(self) -> tuple[re.Pattern[str], ...]:
+        return tuple(re.compile(pattern) for pattern in self.allow_patterns)
+
+    @cached_property
+    def deny_regex(self) -> re.Pattern[str] | None:
+        """One pattern for the whole deny-list (longest first), or None when it does not apply."""
+        if not self.deny or self.rule_for(DENY_LIST_ENTITY).action == "allow":
+            return None
+        words = "|".join(re.escape(word) for word in sorted(self.deny, key=len, reverse=True))
+        return re.compile(rf"(?<!\w)(?:{words})(?!\w)", re.IGNORECASE)
+
+    def detected(self) -> tuple[str, ...]:
+        """Entity types the analyzer must look for (sorted; `allow` and the deny-list excluded)."""
+        return self.detected_entities
+
     def rule_for(self, entity: str) -> EntityRule:
         """The rule of `entity` (an unlisted type is allowed through)."""
-        return self.entities.get(entity, EntityRule(action="allow"))
+        rule = self.entities.get(entity)
+        return _ALLOWED if rule is None else rule
 
     def threshold_for(self, entity: str) -> float:
         threshold = self.rule_for(entity).threshold

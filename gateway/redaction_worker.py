@@ -56,7 +56,11 @@ def warm() -> int:
 
 def analyze_in_worker(jobs: list[Job]) -> list[tuple[RawFinding, ...]]:
     """Runs in a worker: raw findings (start, end, entity, score) per job."""
-    analyzer = _ANALYZER
+    return analyze_jobs(_ANALYZER, jobs)
+
+
+def analyze_jobs(analyzer: Any, jobs: Sequence[Job]) -> list[tuple[RawFinding, ...]]:
+    """Raw findings (start, end, entity, score) per job, by an analyzer from `build_analyzer`."""
     results = []
     for text, entities in jobs:
         analyzer.nlp_engine.ner_enabled = any(e in NER_ENTITIES for e in entities)

@@ -66,16 +66,15 @@ class RedactPrompt(Stage):
             return
         texts = [slot.text for slot in slots]
         findings = await self._redactor.analyze(texts, rules)
+        if not any(findings):
+            return
         replacer = Replacer(exchange, rules, self._redactor.keyed_hash, taken_placeholders(texts))
-        changed = False
         for slot, text, found in zip(slots, texts, findings, strict=True):
             if found:
                 slot.set(replacer.replace(text, found, slot.where))
-                changed = True
-        if changed:
-            collected.write_json_fields()
-            exchange.mark_changed()
-            log.debug("prompt_redacted", entities=dict(exchange.redaction_counts))
+        collected.write_json_fields()
+        exchange.mark_changed()
+        log.debug("prompt_redacted", entities=dict(exchange.redaction_counts))
 
     async def on_response(self, exchange: Exchange, completion: dict[str, Any]) -> dict[str, Any]:
         table = restore_table(exchange)
@@ -97,6 +96,9 @@ def _list(value: Any) -> list[Any]:
 
 
 def restore_table(exchange: Exchange) -> dict[str, str]:
+    """Placeholder -> original value, for the placeholders that may be restored (read-only)."""
+    if len(exchange.restorable) == len(exchange.placeholders):
+        return exchange.placeholders  # all of them: no copy needed
     return {key: exchange.placeholders[key] for key in exchange.restorable}
 
 
@@ -130,8 +132,9 @@ class Replacer:
 
     def _substitute(self, entity: str, value: str, where: str) -> str:
         rule = self._rules.rule_for(entity)
-        if rule.action == "block":
-            metrics.REDACTION_ENTITIES.labels(entity, "block").inc()
+        action = rule.action
+        metrics.child(metrics.REDACTION_ENTITIES, entity, action).inc()
+        if action == "block":
             raise ContentPolicyError(
                 f"The request contains a value of type {entity} in {where}, which this gateway "
                 "does not forward to the model. Remove it and try again.",
@@ -139,28 +142,29 @@ class Replacer:
             )
         counts = self._exchange.redaction_counts
         counts[entity] = counts.get(entity, 0) + 1
-        metrics.REDACTION_ENTITIES.labels(entity, rule.action).inc()
-        if rule.action == "mask":
+        if action == "mask":
             return re.sub(r"\S", "*", value)
-        if rule.action == "hash":
+        if action == "hash":
             return f"<{entity}#{self._hasher(value)}>"
         return self._pseudonym(entity, value, restore=rule.restore)
 
     def _pseudonym(self, entity: str, value: str, *, restore: bool) -> str:
-        issued = self._issued.get((entity, value))
+        key = (entity, value)
+        issued = self._issued.get(key)
         if issued is None:
-            issued = self._next_placeholder(entity)
-            self._issued[(entity, value)] = issued
+            issued = self._issued[key] = self._next_placeholder(entity)
             self._exchange.placeholders[issued] = value
             if restore:
                 self._exchange.restorable.add(issued)
         return issued
 
     def _next_placeholder(self, entity: str) -> str:
+        number = self._numbers[entity]
         while True:
-            self._numbers[entity] += 1
-            candidate = placeholder(entity, self._numbers[entity])
+            number += 1
+            candidate = placeholder(entity, number)
             if candidate not in self._taken:
+                self._numbers[entity] = number
                 return candidate
 
 

@@ -181,3 +181,21 @@ async def test_blocked_entity_is_refused_naming_the_type_only(provider, start_ga
     assert provider.control.received == []
     ready = await gateway.client()._client.get(gateway.url + "/readyz")
     assert ready.status_code == 200
+
+
+async def test_pattern_only_rules_redact_short_and_long_prompts_alike(provider, start_gateway):
+    rules = {"entities": {"EMAIL_ADDRESS": {"action": "pseudonymize"},
+                          "US_SSN": {"action": "pseudonymize"}}}  # fmt: skip
+    redaction = {"enabled": True, "workers": 1, "rules": rules, "in_process_chars": 400}
+    gateway = await start_gateway(base_config(provider, redaction=redaction))
+    values = _people()
+    client = gateway.client()
+    for padding in ("", " Thanks." * 60):  # under and over the in-process cap
+        prompt = _prompt(values) + padding
+        completion = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}]
+        )
+        received = _received_text(provider)
+        assert values["email"] not in received and values["ssn"] not in received
+        assert "<EMAIL_ADDRESS_1>" in received and "<US_SSN_1>" in received
+        assert completion.choices[0].message.content == prompt

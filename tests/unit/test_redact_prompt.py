@@ -84,6 +84,11 @@ async def test_chat_every_text_is_scanned_and_same_value_same_placeholder():
     ("responses", {"input": [{"type": "function_call_output", "call_id": "c",
                               "output": "Alice Smith"}]}, ("input", 0, "output")),
     ("completions", {"prompt": ["ok", "Alice Smith"]}, ("prompt", 1)),
+    ("chat.completions", {"messages": [{"role": "assistant", "content": None,
+                                        "refusal": "Alice Smith"}]}, ("messages", 0, "refusal")),
+    ("chat.completions", {"messages": [{"role": "assistant", "content": None, "function_call": {
+        "name": "f", "arguments": "Alice Smith"}}]},
+     ("messages", 0, "function_call", "arguments")),
     ("embeddings", {"input": "Alice Smith"}, ("input",)),
 ])  # fmt: skip
 async def test_other_endpoints_are_scanned(endpoint, body, path):

@@ -12,9 +12,10 @@ import pytest
 
 from gateway.config import ConfigError, RedactionSettings
 from gateway.errors import PayloadTooLargeError, ServiceUnavailableError
-from gateway.redaction_rules import EntityRule, RedactionRules
+from gateway.redaction_rules import NER_ENTITIES, EntityRule, RedactionRules, default_entities
 from gateway.redaction_worker import build_analyzer
 from gateway.redactor import Finding, Redactor, apply_rules, merge_overlaps
+from tests.fakes.pii_samples import prompt_of_size, samples
 
 pytestmark = pytest.mark.slow
 MODEL = RedactionSettings().spacy_model
@@ -22,7 +23,8 @@ MODEL = RedactionSettings().spacy_model
 
 @pytest.fixture(scope="module")
 def redactor():
-    engine = Redactor(RedactionSettings(enabled=True, workers=1, hash_key="k"))
+    engine = Redactor(RedactionSettings(enabled=True, workers=1, hash_key="k",
+                                        in_process_chars=1000))  # fmt: skip
     asyncio.run(engine.open())
     yield engine
     asyncio.run(engine.close())
@@ -165,3 +167,95 @@ def test_overlaps_become_their_union():
     merged = merge_overlaps([Finding(0, 10, "LOCATION", 0.85), Finding(5, 25, "STREET_ADDRESS",
                              0.75), Finding(30, 35, "PERSON", 0.9)])  # fmt: skip
     assert merged == [Finding(0, 25, "STREET_ADDRESS", 0.85), Finding(30, 35, "PERSON", 0.9)]
+
+
+def _pattern_only_rules() -> RedactionRules:
+    return RedactionRules(entities={name: rule for name, rule in default_entities().items()
+                                    if name not in NER_ENTITIES})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pattern_redactors():
+    """Two redactors for rules without NER: one analyzes short texts in process, one never."""
+    rules = _pattern_only_rules()
+    local = Redactor(RedactionSettings(enabled=True, workers=1, rules=rules,
+                                       in_process_chars=1000))  # fmt: skip
+    remote = Redactor(RedactionSettings(enabled=True, workers=1, rules=rules, in_process_chars=0))
+
+    async def open_both():
+        await asyncio.gather(local.open(), remote.open())
+
+    asyncio.run(open_both())
+    yield local, remote
+    asyncio.run(local.close())
+    asyncio.run(remote.close())
+
+
+def _generated_texts() -> list[str]:
+    texts = [sample.text for sample in samples(seed=7, per_kind=6)]
+    texts += [prompt_of_size(size, seed)[0] for size in (300, 600, 1000) for seed in (1, 2, 3)]
+    return texts
+
+
+async def test_in_process_analysis_finds_exactly_what_the_workers_find(pattern_redactors):
+    local, remote = pattern_redactors
+    entities = local.rules.detected()
+    texts = _generated_texts()
+    assert local._local is not None and remote._local is None
+    assert all(local._fits_in_process([text], entities) for text in texts)
+    here = [local._analyze_here([text], entities)[0] for text in texts]
+    there = [(await remote._run([text], entities))[0] for text in texts]
+    assert here == there
+    assert sum(1 for found in here if found) > len(texts) // 2  # not a vacuous comparison
+
+
+async def test_only_short_pattern_only_work_stays_in_process(pattern_redactors, monkeypatch):
+    local, _ = pattern_redactors
+    submitted: list[list[str]] = []
+    original = local._submit
+
+    def spy(pool, jobs):
+        submitted.append([text for text, _ in jobs])
+        return original(pool, jobs)
+
+    monkeypatch.setattr(local, "_submit", spy)
+    limit = local.settings.in_process_chars
+    short = "Write to nadia.kowalski@example.org about it."
+    await local.analyze([short], local.rules)
+    assert submitted == []
+    long = short + " filler" * (limit // 7)
+    (found,) = await local.analyze([long], local.rules)
+    assert submitted == [[long]] and [f.entity for f in found] == ["EMAIL_ADDRESS"]
+    two = [f"Note {i}: mail nadia.k{i}@example.org. " + "x" * (limit // 2) for i in range(2)]
+    await local.analyze(two, local.rules)  # short each, too long together
+    assert submitted[-1] == two
+    ner = RedactionRules(entities={"PERSON": EntityRule(), "EMAIL_ADDRESS": EntityRule()})
+    await local.analyze(["Tell Nadia Kowalski the news."], ner)
+    assert submitted[-1] == ["Tell Nadia Kowalski the news."]
+
+
+def test_rules_with_ner_load_no_analyzer_in_process(redactor):
+    assert redactor.settings.in_process_chars > 0
+    assert redactor._local is None
+
+
+async def test_a_cache_of_size_zero_still_redacts(pattern_redactors):
+    for engine in pattern_redactors:
+        settings = engine.settings
+        engine.settings = settings.model_copy(update={"cache_size": 0})
+        try:
+            (found,) = await engine.analyze(["Mail ola.berg@example.net now."], engine.rules)
+        finally:
+            engine.settings = settings
+        assert [f.entity for f in found] == ["EMAIL_ADDRESS"]
+
+
+async def test_cached_text_follows_the_rules_of_each_call(pattern_redactors):
+    local, _ = pattern_redactors
+    text = "Mail maria.garcia@example.com or support@example.org now."
+    emails = {"EMAIL_ADDRESS": EntityRule()}
+    strict = RedactionRules(entities=emails)
+    lenient = RedactionRules(entities=emails, allow=("SUPPORT@example.org",))
+    for rules, expected in ((strict, 2), (lenient, 1), (strict, 2), (lenient, 1)):
+        (found,) = await local.analyze([text], rules)
+        assert len(found) == expected

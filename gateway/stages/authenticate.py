@@ -28,6 +28,7 @@ from gateway.pipeline import Stage
 
 CREDENTIAL_HEADERS = ("api-key", "x-api-key")
 _MAX_TRACKED = 100_000
+_MAX_PRINCIPALS = 10_000
 security = get_logger("gateway.security")
 
 
@@ -89,10 +90,11 @@ def credential_from(headers: Mapping[str, str]) -> str:
     authorization = headers.get("Authorization")
     if authorization is not None:
         scheme, _, value = authorization.strip().partition(" ")
-        if scheme.lower() != "bearer" or not value.strip():
+        value = value.strip()
+        if scheme.lower() != "bearer" or not value:
             raise CredentialError("The Authorization header must be 'Bearer <credential>'.",
                                   reason="malformed_header")  # fmt: skip
-        found.append(value.strip())
+        found.append(value)
     found += [headers[name].strip() for name in CREDENTIAL_HEADERS if name in headers]
     if not found:
         raise CredentialError(
@@ -100,6 +102,8 @@ def credential_from(headers: Mapping[str, str]) -> str:
             "'Authorization: Bearer <credential>' (or in an 'api-key' header).",
             reason="missing", code="missing_credential",
         )  # fmt: skip
+    if len(found) == 1:
+        return found[0]
     first = found[0].encode("utf-8", "surrogateescape")
     if any(not hmac.compare_digest(first, o.encode("utf-8", "surrogateescape")) for o in found):
         raise CredentialError("The request carries two different credentials; send one.",
@@ -120,6 +124,9 @@ class Authenticate(Stage):
         self._tokens = tokens
         self._keys = keys
         self._failures = FailureCounter(settings.lockout, clock)
+        # A token's identity comes from the verifier's cache on most requests; the principal
+        # built from it (access lists resolved) is remembered too. Settings never change here.
+        self._principals: dict[Claimed, Principal] = {}
 
     @property
     def admin_role(self) -> str:
@@ -178,6 +185,14 @@ class Authenticate(Stage):
         )  # fmt: skip
 
     def _from_claims(self, claimed: Claimed) -> Principal:
+        principal = self._principals.get(claimed)
+        if principal is None:
+            if len(self._principals) >= _MAX_PRINCIPALS:
+                self._principals.clear()
+            principal = self._principals[claimed] = self._principal_of(claimed)
+        return principal
+
+    def _principal_of(self, claimed: Claimed) -> Principal:
         return Principal(
             subject=claimed.subject, tenant=claimed.tenant, roles=claimed.roles,
             models=self._access("models", claimed.models, claimed.tenant, claimed.roles),
@@ -206,7 +221,8 @@ class Authenticate(Stage):
 
 def authorize(principal: Principal, exchange: Exchange) -> None:
     """Refuses an endpoint or model the principal may not use (403)."""
-    if not any(fnmatchcase(exchange.endpoint, p) for p in principal.endpoints):
+    endpoints = principal.endpoints
+    if "*" not in endpoints and not any(fnmatchcase(exchange.endpoint, p) for p in endpoints):
         security.info("auth_denied", reason="endpoint_not_allowed", subject=principal.subject,
                       endpoint=exchange.endpoint)  # fmt: skip
         raise PermissionDeniedError(

@@ -168,3 +168,35 @@ async def test_failures_outside_the_window_do_not_add_up():
                          ("2001:db8:1:2::5", "2001:db8:1::/48"), ("", "unknown")])  # fmt: skip
 def test_source_addresses_are_truncated(address, shown):
     assert truncated_address(address) == shown
+
+
+async def test_one_identity_gets_one_principal_and_another_its_own():
+    s = stage(tenants={"acme": {"models": ["gpt-4o*"]}})
+    soon = int(time.time()) + 60
+    first, again = (exchange({"Authorization": f"Bearer {token(tid='acme', exp=soon + n)}"})
+                    for n in (0, 1))  # fmt: skip
+    other = exchange({"Authorization": f"Bearer {token(sub='eve')}"})
+    for ex in (first, again, other):
+        await s.on_request(ex)
+    assert first.principal is again.principal  # built once, from the cached identity
+    assert first.principal.models == ("gpt-4o*",) and first.principal.subject == "bob"
+    assert other.principal.subject == "eve" and other.principal.models == ("*",)
+
+
+def test_the_same_credential_in_two_headers_is_one_credential():
+    assert credential_from({"Authorization": f"Bearer {GOOD_KEY}", "api-key": GOOD_KEY}) == GOOD_KEY
+    assert credential_from({"Authorization": f"  Bearer   {GOOD_KEY} "}) == GOOD_KEY
+
+
+@pytest.mark.parametrize(("endpoints", "allowed"), [
+    (("*",), True), (("chat.*",), True), (("chat.completions",), True),
+    (("embeddings", "chat*"), True), (("embeddings",), False), ((), False),
+])  # fmt: skip
+async def test_endpoint_globs(endpoints, allowed):
+    record = ApiKey(id="key_1", name="ci", created_at=0, hash="h", endpoints=endpoints)
+    ex = exchange({"api-key": GOOD_KEY})
+    if allowed:
+        await stage(record).on_request(ex)
+    else:
+        with pytest.raises(PermissionDeniedError):
+            await stage(record).on_request(ex)

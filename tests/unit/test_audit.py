@@ -35,6 +35,7 @@ from gateway.audit_verify import read_lines, verify
 from gateway.config import AuditSettings
 from gateway.exchange import Exchange, PolicyDecision, Principal, Route, Usage
 from gateway.log import configure_logging
+from tests.fakes.sinks import ListSink
 
 NOW = datetime(2024, 5, 1, 9, 30, tzinfo=UTC)
 RNG = random.Random(7)
@@ -55,22 +56,6 @@ def fake_jwt() -> str:
         return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
 
     return f"{part({'alg': 'HS256'})}.{part({'sub': 'x' * 12})}.{secret('', 43)}"
-
-
-class ListSink:
-    name = "list"
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def write(self, line: str) -> None:
-        self.lines.append(line)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def exchange(**overrides) -> Exchange:

@@ -12,24 +12,9 @@ from gateway.audit import AuditWriter, EventContext, Pseudonymizer
 from gateway.config import AnomalySettings
 from gateway.exchange import Exchange, PolicyDecision, Principal
 from gateway.stages.audit_log import AuditTrail, teaches_detectors
+from tests.fakes.sinks import ListSink
 
 NOW = datetime(2024, 5, 1, 9, 30, tzinfo=UTC)
-
-
-class ListSink:
-    name = "list"
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def write(self, line: str) -> None:
-        self.lines.append(line)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def exchange(status: int, **fields) -> Exchange:

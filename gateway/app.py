@@ -13,7 +13,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway.anomaly import AnomalyDetector, open_store
-from gateway.audit import EventContext, Pseudonymizer, close_writer, open_writer
+from gateway.audit import EventContext, close_writer, open_writer
+from gateway.audit_privacy import Pseudonymizer
 from gateway.catalog import Catalog
 from gateway.config import Settings
 from gateway.credentials import TokenVerifier

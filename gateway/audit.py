@@ -1,9 +1,10 @@
 """The audit trail: one scrubbed, pseudonymous, hash-chained JSON event per request or incident.
 
 Owns the event schema (OpenTelemetry GenAI and Elastic Common Schema names, flat dotted keys),
-keyed-HMAC pseudonyms with rotation, address truncation, the final scrubber every sink shares,
-the writer (sequence number and previous-event hash per process stream) and its sinks. Must
-never write prompt or completion text, keys or tokens, emails or full addresses.
+security events, and the writer (sequence number and previous-event hash per process
+stream), which scrubs every event (`gateway.audit_privacy`) before its sinks
+(`gateway.audit_sinks`) see it. Must never write prompt or completion text, keys or tokens,
+emails or full addresses.
 """
 
 from __future__ import annotations
@@ -11,184 +12,34 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
-import hmac
-import ipaddress
 import os
-import re
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
-import structlog
 
 from gateway import metrics
+from gateway.audit_privacy import (
+    Pseudonymizer,
+    aware,
+    scrub,
+    scrub_text,
+    truncate_address,
+    user_agent_family,
+)
+from gateway.audit_sinks import RotatingFileSink, Sink, StdoutSink
 from gateway.config import AuditSettings
 from gateway.exchange import Exchange
 from gateway.log import get_logger
 
 GENESIS = "0" * 64
-EPHEMERAL_KEY_ID = "ephemeral"
 OPERATIONS = {"chat.completions": "chat", "responses": "chat", "completions": "text_completion",
               "embeddings": "embeddings", "models": "list_models"}  # fmt: skip
-CHAIN_FIELDS = ("gateway.audit.stream", "gateway.audit.seq", "gateway.audit.prev_hash")
 log = get_logger("gateway.audit")
-
-
-class Pseudonymizer:
-    """Keyed HMAC pseudonyms: `ps_` + 24 hex digits, stable per key, meaningless without it."""
-
-    def __init__(
-        self, keys: Sequence[tuple[str, bytes]], overlap_until: datetime | None = None
-    ) -> None:
-        self.keys = tuple(keys) or ((EPHEMERAL_KEY_ID, secrets.token_bytes(32)),)
-        self.overlap_until = overlap_until
-
-    @classmethod
-    def from_settings(cls, settings: AuditSettings) -> Pseudonymizer:
-        keys = [(k.id, k.key.get_secret_value().encode()) for k in settings.pseudonym_keys]
-        return cls(keys, settings.pseudonym_overlap_until)
-
-    @property
-    def key_id(self) -> str:
-        return self.keys[0][0]
-
-    def user(self, subject: str) -> str:
-        return _pseudonym(self.keys[0][1], "user", subject)
-
-    def tenant(self, tenant: str) -> str:
-        return _pseudonym(self.keys[0][1], "tenant", tenant)
-
-    def credential(self, secret: str) -> str:
-        """A fingerprint of a presented credential, to count failures against one key."""
-        return "kf_" + _hmac(self.keys[0][1], "credential", secret)[3:]
-
-    def all_users(self, subject: str) -> list[tuple[str, str]]:
-        """(key id, pseudonym) under every configured key: what the SOC searches for."""
-        return [(kid, _hmac(key, "user", subject)) for kid, key in self.keys]
-
-    def older_users(self, subject: str, now: datetime) -> list[str]:
-        """Pseudonyms under the previous keys while the rotation overlap lasts."""
-        if self.overlap_until is None or now >= _aware(self.overlap_until):
-            return []
-        return [_hmac(key, "user", subject) for _, key in self.keys[1:]]
-
-
-def _hmac(key: bytes, domain: str, value: str) -> str:
-    digest = hmac.new(key, f"{domain}:{value}".encode(), hashlib.sha256).hexdigest()
-    return "ps_" + digest[:24]
-
-
-@functools.lru_cache(maxsize=8192)
-def _pseudonym(key: bytes, domain: str, value: str) -> str:
-    """`_hmac` remembered for the identities seen lately: a principal sends many requests.
-    Not for credentials, which must not linger in memory."""
-    return _hmac(key, domain, value)
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-@functools.lru_cache(maxsize=4096)
-def truncate_address(address: str) -> str | None:
-    """The client's network, never its address: IPv4 /24, IPv6 /48 (as `net/len`)."""
-    try:
-        ip = ipaddress.ip_network(address.strip().split("%")[0], strict=False).network_address
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    prefix = 24 if ip.version == 4 else 48
-    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
-
-
-_AGENTS = (("OpenAI/Python", "openai-python"), ("OpenAI/JS", "openai-node"), ("curl/", "curl"),
-           ("python-requests/", "python-requests"), ("python-httpx/", "python-httpx"),
-           ("aiohttp/", "aiohttp"), ("Go-http-client/", "go"), ("okhttp/", "okhttp"),
-           ("PostmanRuntime/", "postman"), ("Edg/", "edge"), ("Firefox/", "firefox"),
-           ("Chrome/", "chrome"), ("Safari/", "safari"), ("Mozilla/", "browser"))  # fmt: skip
-
-
-def user_agent_family(agent: str | None) -> str | None:
-    """A bounded family name; the free-text header itself is never logged."""
-    if not agent:
-        return None
-    for marker, family in _AGENTS:
-        if marker in agent:
-            return family
-    return "other"
-
-
-_SHAPES = {
-    "key": r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)"
-    r"|\b(?:sk|pk|rk|gw|ghp|gho|ghu|ghs|ghr|glpat|xox[abposr]|AKIA|ASIA|AIza|github_pat|"
-    r"sk_live|sk_test|rk_live)[A-Za-z0-9_\-]{12,}",
-    "email": r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+",
-    "token": r"(?i:\b(?:bearer|basic)\s+[A-Za-z0-9._~+/=\-]+)"
-    r"|\beyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]*",
-    "address": r"\b(?:\d{1,3}\.){3}\d{1,3}\b|\b(?:[0-9A-Fa-f]{1,4}:){4,7}[0-9A-Fa-f]{1,4}\b",
-    "secret": r"[A-Za-z0-9_\-+/=]{32,}",
-}
-_SCRUB = re.compile("|".join(f"(?P<{name}>{shape})" for name, shape in _SHAPES.items()), re.S)
-_OURS = re.compile(r"^(?:ps|kf)_[0-9a-f]{24}$")
-_DIGIT = re.compile(r"[0-9]")
-_TRUSTED = frozenset({"@timestamp", "source.address", *CHAIN_FIELDS})
-_PLAIN = frozenset({int, float, bool, type(None)})
-# Texts the scrubber left unchanged lately (model names, paths, actions): most strings of an
-# event repeat on every request and the pattern costs a microsecond each. Bounded, and never
-# holds a text that had anything to remove.
-_CLEAN: set[str] = set()
-_CLEAN_TEXTS = 4096
-
-
-def scrub_text(text: str) -> str:
-    """Removes anything shaped like an email, key, token, long secret or full address."""
-    if len(text) < 7 or text in _CLEAN or _OURS.match(text):
-        return text  # shorter than any shape (e.g. 1.2.3.4), or already found clean
-    scrubbed = _SCRUB.sub(_mark, text)
-    if scrubbed == text and len(text) <= 200:
-        _remember_clean(text)
-    return scrubbed
-
-
-def _remember_clean(text: str) -> None:
-    if len(_CLEAN) >= _CLEAN_TEXTS:
-        _CLEAN.clear()
-    _CLEAN.add(text)
-
-
-def _mark(match: re.Match[str]) -> str:
-    kind = match.lastgroup or "secret"
-    if kind != "secret":
-        return f"[{kind}]"
-    # Long runs mixing upper case, lower case and digits are secrets; hex ids are not.
-    # (The run is ASCII: it has an upper-case letter iff lower() changes it, and vice versa.)
-    token = match.group(0)
-    mixed = token.lower() != token and token.upper() != token
-    return "[secret]" if mixed and _DIGIT.search(token) else token
-
-
-def scrub(value: Any, key: str = "") -> Any:
-    """The final pass every sink shares, over every string in the event."""
-    if key in _TRUSTED:
-        return value
-    kind = type(value)
-    if kind is str:
-        return scrub_text(value)
-    if kind in _PLAIN:
-        return value
-    if isinstance(value, str):
-        return scrub_text(value)
-    if isinstance(value, Mapping):
-        return {k: scrub(v, k) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [scrub(v) for v in value]
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,7 +194,7 @@ def security_event(
 def iso(moment: datetime) -> str:
     """UTC, to the millisecond, with `Z`: `isoformat` cost a microsecond, so the text of the
     whole second is formatted once and only the milliseconds per event."""
-    utc = moment if moment.tzinfo is UTC else _aware(moment).astimezone(UTC)
+    utc = moment if moment.tzinfo is UTC else aware(moment).astimezone(UTC)
     second = _second(utc.year, utc.month, utc.day, utc.hour, utc.minute, utc.second)
     return f"{second}.{utc.microsecond // 1000:03d}Z"
 
@@ -356,86 +207,6 @@ def _second(year: int, month: int, day: int, hour: int, minute: int, second: int
 def event_hash(record: Mapping[str, Any]) -> str:
     """SHA-256 of the canonical serialization (sorted keys, compact) of one written event."""
     return hashlib.sha256(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)).hexdigest()
-
-
-class Sink(Protocol):
-    """Where events go: `write` takes one line (no newline) and may hold it until `flush`;
-    `close` flushes. Errors are `OSError`."""
-
-    name: str
-
-    def write(self, line: str) -> None: ...
-
-    def flush(self) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class StdoutSink:
-    """The process's structlog output (stdout unless reconfigured), one line per event, the
-    lines held until `flush` write in one call."""
-
-    name = "stdout"
-
-    def __init__(self) -> None:
-        self._pending: list[str] = []
-
-    def write(self, line: str) -> None:
-        self._pending.append(line)
-
-    def flush(self) -> None:
-        if not self._pending:
-            return
-        lines, self._pending = self._pending, []
-        structlog.get_config()["logger_factory"]().msg("\n".join(lines))
-
-    def close(self) -> None:
-        """Flushes; the stream itself belongs to the logging configuration."""
-        self.flush()
-
-
-class RotatingFileSink:
-    """Appends lines to `path`; past `max_bytes` it shifts path.1 .. path.N and starts afresh."""
-
-    name = "file"
-
-    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
-        self.path, self.max_bytes, self.backups = path, max_bytes, backups
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("a", encoding="utf-8")
-        self._size = self._file.tell()  # including the lines held in `_pending`
-        self._pending: list[str] = []
-
-    def write(self, line: str) -> None:
-        size = (len(line) if line.isascii() else len(line.encode())) + 1
-        if self._size and self._size + size > self.max_bytes:
-            self.flush()
-            self._rotate()
-        self._pending.append(line)
-        self._size += size
-
-    def flush(self) -> None:
-        if not self._pending:
-            return
-        lines, self._pending = self._pending, []
-        self._file.write("\n".join(lines) + "\n")
-        self._file.flush()
-
-    def _rotate(self) -> None:
-        self._file.close()
-        for index in range(self.backups - 1, 0, -1):
-            older = self.path.with_name(f"{self.path.name}.{index}")
-            if older.exists():
-                older.replace(self.path.with_name(f"{self.path.name}.{index + 1}"))
-        self.path.replace(self.path.with_name(f"{self.path.name}.1"))
-        self._file = self.path.open("a", encoding="utf-8")
-        self._size = 0
-
-    def close(self) -> None:
-        try:
-            self.flush()
-        finally:
-            self._file.close()
 
 
 class AuditWriter:

@@ -11,7 +11,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from gateway.audit import Pseudonymizer
+from gateway.audit_privacy import Pseudonymizer
 from gateway.audit_verify import read_lines, verify
 from gateway.config import load_settings
 from gateway.soc_report import (

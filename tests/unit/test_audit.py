@@ -16,21 +16,22 @@ import pytest
 from faker import Faker
 from prometheus_client import REGISTRY
 
-from gateway import audit
+from gateway import audit, audit_privacy
 from gateway.audit import (
     GENESIS,
     AuditWriter,
     EventContext,
-    Pseudonymizer,
-    RotatingFileSink,
-    StdoutSink,
     build_request_event,
     emit_security_event,
+)
+from gateway.audit_privacy import (
+    Pseudonymizer,
     scrub,
     scrub_text,
     truncate_address,
     user_agent_family,
 )
+from gateway.audit_sinks import RotatingFileSink, StdoutSink
 from gateway.audit_verify import read_lines, verify
 from gateway.config import AuditSettings
 from gateway.exchange import Exchange, PolicyDecision, Principal, Route, Usage
@@ -439,21 +440,21 @@ def test_cached_pseudonyms_equal_the_uncached_hmac():
     first, second = names(), Pseudonymizer([("k1", KEY_B.encode())])
     for _ in range(2):
         for subject in subjects:
-            assert first.user(subject) == audit._hmac(KEY_A.encode(), "user", subject)
-            assert first.tenant(subject) == audit._hmac(KEY_A.encode(), "tenant", subject)
-            assert second.user(subject) == audit._hmac(KEY_B.encode(), "user", subject)
+            assert first.user(subject) == audit_privacy._hmac(KEY_A.encode(), "user", subject)
+            assert first.tenant(subject) == audit_privacy._hmac(KEY_A.encode(), "tenant", subject)
+            assert second.user(subject) == audit_privacy._hmac(KEY_B.encode(), "user", subject)
     assert first.user(subjects[0]) != second.user(subjects[0])
 
 
 def test_the_scrubber_gives_the_same_answer_the_second_time(monkeypatch):
-    monkeypatch.setattr(audit, "_CLEAN_TEXTS", 8)
+    monkeypatch.setattr(audit_privacy, "_CLEAN_TEXTS", 8)
     texts = [f"model-{index}" for index in range(20)] + generated_secrets()
     first = [scrub_text(f"before {text} after") for text in texts]
     second = [scrub_text(f"before {text} after") for text in texts]
     assert first == second
     assert first[:20] == [f"before model-{index} after" for index in range(20)]
-    assert len(audit._CLEAN) <= 8
-    assert not any(text in clean for text in generated_secrets() for clean in audit._CLEAN)
+    assert len(audit_privacy._CLEAN) <= 8
+    assert not any(text in clean for text in generated_secrets() for clean in audit_privacy._CLEAN)
 
 
 def hostile_exchange(leak: list[str]) -> Exchange:

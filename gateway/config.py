@@ -15,12 +15,28 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gateway.redaction_rules import RedactionRules
 
 DEFAULTS_DIR = Path(__file__).parent / "defaults"
 ENV_PREFIX = "GATEWAY_"
+NEVER_FORWARDED = frozenset({
+    "authorization", "proxy-authorization", "api-key", "x-api-key", "cookie",
+    "openai-organization", "openai-project", "host", "content-length", "content-type",
+    "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
+    "proxy-connection", "x-request-id", "x-forwarded-for",
+})  # fmt: skip
+"""Client headers no provider receives: credentials, cookies, hop-by-hop, the client's OpenAI
+organisation or project, and what the gateway sets itself."""
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -82,9 +98,27 @@ class ProviderSettings(Section):
     timeouts: Timeouts = Timeouts()
     retries: Retries = Retries()
     headers: dict[str, str] = Field({}, description="Extra headers sent to this provider.")
+    forward_headers: tuple[str, ...] = Field(
+        ("openai-beta",),
+        description="Client request headers passed on to this provider (case-insensitive; a "
+        "trailing * matches a prefix, e.g. x-stainless-*). Credentials, cookies, hop-by-hop "
+        "and OpenAI organisation/project headers are refused here.",
+    )
     fallbacks: tuple[str, ...] = Field((), description="Providers tried, in order, if this fails.")
     max_connections: int = Field(256, ge=1, description="Connection pool size.")
     demo: DemoSettings = DemoSettings()
+
+    @field_validator("forward_headers")
+    @classmethod
+    def _never_forwarded(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        lowered = tuple(name.strip().lower() for name in names)
+        for name in lowered:
+            stem = name.removesuffix("*")
+            covers = [kept for kept in NEVER_FORWARDED if kept == stem or
+                      (name.endswith("*") and kept.startswith(stem))]  # fmt: skip
+            if not stem or covers:
+                raise ValueError(f"{name!r} would pass on headers that stay at the gateway")
+        return lowered
 
     @model_validator(mode="after")
     def _needs_url(self) -> ProviderSettings:

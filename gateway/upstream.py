@@ -36,10 +36,6 @@ PATHS = {
     "completions": "/completions",
     "embeddings": "/embeddings",
 }
-# Client headers worth passing on; everything else (credentials, cookies, hop-by-hop,
-# the client's OpenAI organisation or project) stays at the gateway.
-FORWARDED_REQUEST_HEADERS = ("accept", "user-agent", "openai-beta")
-FORWARDED_REQUEST_PREFIXES = ("x-stainless-",)
 # Provider headers worth returning; set-cookie, rate-limit and server details are not.
 RETURNED_RESPONSE_HEADERS = {
     "openai-processing-ms": "openai-processing-ms",
@@ -51,11 +47,21 @@ _RETRY_JITTER = random.Random()  # noqa: S311 - jitter is not a security decisio
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One provider as the client sees it: resolved URL root, key and settings."""
+    """One provider as the client sees it: resolved URL root, key and settings, and the client
+    headers it receives (`forward_headers`: exact names, and prefixes from `name*`)."""
 
     name: str
     base_url: str
     settings: ProviderSettings
+    forwarded: tuple[str, ...] = ()
+    forwarded_prefixes: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, name: str, base_url: str, settings: ProviderSettings) -> Target:
+        names = settings.forward_headers
+        exact = tuple(n for n in names if not n.endswith("*"))
+        prefixes = tuple(n.removesuffix("*") for n in names if n.endswith("*"))
+        return cls(name, base_url.rstrip("/"), settings, exact, prefixes)
 
 
 def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
@@ -86,7 +92,7 @@ class UpstreamClient:
     def __init__(self, settings: Settings, base_urls: Mapping[str, str] | None = None) -> None:
         resolved = dict(base_urls or {})
         self._targets = {
-            name: Target(name, resolved.get(name, p.base_url).rstrip("/"), p)
+            name: Target.of(name, resolved.get(name, p.base_url), p)
             for name, p in settings.providers.items()
         }
         self._timeouts = {
@@ -178,7 +184,7 @@ class UpstreamClient:
     def _request_for(self, exchange: Exchange, target: Target) -> tuple[str, dict[str, str], bytes]:
         settings = target.settings
         upstream_model = self._upstream_model(exchange, target.name)
-        headers = _forwarded_headers(exchange.headers)
+        headers = _forwarded_headers(exchange.headers, target)
         headers.update(settings.headers)
         headers["Content-Type"] = "application/json"
         headers["X-Request-Id"] = exchange.request_id
@@ -216,12 +222,18 @@ def _azure_url(target: Target, endpoint: str, deployment: str) -> str:
     return f"{target.base_url}{path}?api-version={version}"
 
 
-def _forwarded_headers(client_headers: Mapping[str, str]) -> dict[str, str]:
+def _forwarded_headers(client_headers: Mapping[str, str], target: Target) -> dict[str, str]:
+    """The client headers this provider receives: looked up by name (case-insensitively, as
+    aiohttp's headers are), so the client's other headers are never even read."""
     headers = {}
-    for name, value in client_headers.items():
-        lower = name.lower()
-        if lower in FORWARDED_REQUEST_HEADERS or lower.startswith(FORWARDED_REQUEST_PREFIXES):
+    for name in target.forwarded:
+        value = client_headers.get(name)
+        if value is not None:
             headers[name] = value
+    if target.forwarded_prefixes:
+        for name, value in client_headers.items():
+            if name.lower().startswith(target.forwarded_prefixes):
+                headers[name] = value
     return headers
 
 

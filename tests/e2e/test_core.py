@@ -112,10 +112,40 @@ async def test_credentials_and_hop_by_hop_headers_stay_at_the_gateway(gateway, p
     sent = {k.lower(): v for k, v in provider.control.received[-1].headers.items()}
     assert sent["authorization"] == f"Bearer {PROVIDER_KEY}"
     assert sent["x-request-id"] == "trace-123"
-    assert sent["user-agent"] == "probe/1.0"
+    assert "user-agent" not in sent  # client details are not passed on unless configured
     assert TEST_KEY not in json.dumps(sent)
     for header in ("cookie", "x-api-key", "api-key", "openai-organization"):
         assert header not in sent
+
+
+@pytest.mark.parametrize(
+    ("forward", "expected"),
+    [
+        (None, {"openai-beta"}),  # the default: only what changes the API's behaviour
+        (["openai-beta", "user-agent", "x-stainless-*"],
+         {"openai-beta", "user-agent", "x-stainless-lang", "x-stainless-retry-count"}),
+        ([], set()),
+    ],
+)  # fmt: skip
+async def test_only_the_configured_client_headers_reach_the_provider(
+    provider, start_gateway, forward, expected
+):
+    config = base_config(provider)
+    if forward is not None:
+        config["providers"]["fake"]["forward_headers"] = forward
+    gw = await start_gateway(config)
+    await gw.client().chat.completions.create(
+        model="gpt-4o-mini", messages=HELLO, extra_headers={"OpenAI-Beta": "assistants=v2"}
+    )
+    sent = {k.lower(): v for k, v in provider.control.received[-1].headers.items()}
+    candidates = {"openai-beta", "user-agent", "x-stainless-lang", "x-stainless-retry-count"}
+    assert {name for name in candidates if name in sent} == expected
+    if "user-agent" in expected:
+        assert sent["user-agent"].startswith("AsyncOpenAI/Python")
+    own = {"authorization", "x-request-id", "content-type", "content-length", "host",
+           "accept-encoding", "accept"}  # fmt: skip
+    stainless = "x-stainless-lang" in expected
+    assert all(n in own | expected or (stainless and n.startswith("x-stainless-")) for n in sent)
 
 
 async def test_request_id_is_generated_when_absent(gateway, provider):

@@ -56,6 +56,26 @@ def test_bad_keys_are_named_by_path(tmp_path, change, path):
     assert any(problem.startswith(path) for problem in caught.value.problems)
 
 
+@pytest.mark.parametrize("name", ["Authorization", "x-api-key", "cookie", "x-*", "a*", "*", ""])
+def test_headers_that_stay_at_the_gateway_cannot_be_forwarded(tmp_path, name):
+    text = GOOD.replace(
+        "fallbacks: [openai]}", f'fallbacks: [openai], forward_headers: ["{name}"]}}'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text), env={"OPENAI_API_KEY": "k"})
+    assert any(p.startswith("providers.local.forward_headers") for p in caught.value.problems)
+
+
+def test_forwarded_header_names_are_kept_lower_case(tmp_path):
+    text = GOOD.replace(
+        "fallbacks: [openai]}",
+        'fallbacks: [openai], forward_headers: ["User-Agent", "X-Stainless-*"]}',
+    )
+    settings = load_settings(write(tmp_path, text), env={"OPENAI_API_KEY": "k"})
+    assert settings.providers["local"].forward_headers == ("user-agent", "x-stainless-*")
+    assert settings.providers["openai"].forward_headers == ("openai-beta",)
+
+
 def test_unknown_provider_and_fallback_are_refused(tmp_path):
     text = GOOD.replace("provider: local", "provider: nowhere")
     with pytest.raises(ConfigError, match="unknown provider 'nowhere'"):

@@ -149,16 +149,15 @@ BATCH_SHA = hashlib.sha1(BATCH_LUA.encode(), usedforsecurity=False).hexdigest()
 SERVER_CLOCK = "-"  # the now_ms of an operation that runs on the Redis server's clock
 
 
-def reserve_operation(ask: Ask, stamp: str, slots: Sequence[int]) -> str:
-    """The batch script's text for a reservation; `slots` are its keys' KEYS indexes."""
-    limits = _limit_words(ask.limits, slots)
-    return f"r {stamp} {ask.request_id} {ask.tokens} {ask.least} {limits}"
+def reserve_operation(ask: Ask, stamp: str, words: str) -> str:
+    """The batch script's text for a reservation; `words` are its limits' (`limit_words`)."""
+    return f"r {stamp} {ask.request_id} {ask.tokens} {ask.least} {words}"
 
 
-def settle_operation(reservation: Reservation, used: int, stamp: str, slots: Sequence[int]) -> str:
-    """The batch script's text for settling `reservation` at `used` tokens."""
-    limits = _limit_words(reservation.limits, slots)
-    return f"s {stamp} {reservation.request_id} {used - reservation.granted} {limits}"
+def settle_operation(reservation: Reservation, used: int, stamp: str, words: str) -> str:
+    """The batch script's text for settling `reservation` at `used` tokens; `words` are its
+    limits' (`limit_words`)."""
+    return f"s {stamp} {reservation.request_id} {used - reservation.granted} {words}"
 
 
 def is_reservation(operation: str) -> bool:
@@ -170,7 +169,9 @@ def batch_argument(operations: Sequence[str]) -> str:
     return ";".join(operations)
 
 
-def _limit_words(limits: Sequence[Limit], slots: Sequence[int]) -> str:
+def limit_words(limits: Sequence[Limit], slots: Sequence[int]) -> str:
+    """The words of an operation's limits: their count, then `key_index kind limit window_ms`
+    of each; `slots` are their keys' KEYS indexes."""
     words = [f"{slot} {lim.kind} {lim.limit} {lim.window_ms}"
              for lim, slot in zip(limits, slots, strict=True)]  # fmt: skip
     return f"{len(words)} {' '.join(words)}"

@@ -30,6 +30,7 @@ from gateway.limit_script import (
     SERVER_CLOCK,
     batch_argument,
     is_reservation,
+    limit_words,
     reserve_operation,
     settle_operation,
 )
@@ -74,14 +75,14 @@ class RedisBackend:
     async def reserve(self, ask: Ask, now_ms: float | None) -> Decision:
         """`now_ms` None uses the Redis server's clock, which orders all replicas' calls."""
         batch = self._batch()
-        slots = batch.slots_of(self._tag, ask.limits)
-        reply = await batch.add(reserve_operation(ask, _stamp(now_ms), slots), self._flush)
+        words = batch.words_of(self._tag, ask.limits)
+        reply = await batch.add(reserve_operation(ask, _stamp(now_ms), words), self._flush)
         return decision_from(ask, reply, self.name)
 
     async def settle(self, reservation: Reservation, used: int, now_ms: float | None) -> None:
         batch = self._batch()
-        slots = batch.slots_of(self._tag, reservation.limits)
-        await batch.add(settle_operation(reservation, used, _stamp(now_ms), slots), self._flush)
+        words = batch.words_of(self._tag, reservation.limits)
+        await batch.add(settle_operation(reservation, used, _stamp(now_ms), words), self._flush)
 
     async def ping(self) -> None:
         await self._call(self._client.ping())
@@ -145,16 +146,23 @@ class RedisBackend:
 class _Batch:
     """Operations gathered for one script call, and the futures their callers await."""
 
-    __slots__ = ("slots", "operations", "waiters")
+    __slots__ = ("slots", "words", "operations", "waiters")
 
     def __init__(self) -> None:
         self.slots: dict[str, int] = {}  # key -> its index in KEYS (from 1): each key sent once
+        self.words: dict[tuple[Limit, ...], str] = {}  # limits -> their words in this batch
         self.operations: list[str] = []
         self.waiters: list[asyncio.Future[Any]] = []
 
-    def slots_of(self, tag: str, limits: Sequence[Limit]) -> list[int]:
-        slots = self.slots
-        return [slots.setdefault(tag + lim.key, len(slots) + 1) for lim in limits]
+    def words_of(self, tag: str, limits: tuple[Limit, ...]) -> str:
+        """The operation words of `limits` in this batch, encoded once per batch: concurrent
+        requests of one caller (or one tier) share their limits, so most are found."""
+        words = self.words.get(limits)
+        if words is None:
+            slots = self.slots
+            indexes = [slots.setdefault(tag + lim.key, len(slots) + 1) for lim in limits]
+            words = self.words[limits] = limit_words(limits, indexes)
+        return words
 
     def add(self, operation: str, flush: Callable[[_Batch], None]) -> asyncio.Future[Any]:
         """Queues `operation`; the future gets its reply. A full batch is sent at once."""

@@ -276,8 +276,9 @@ def _judge(
 def decision_from(ask: Ask, reply: Sequence[Any], backend: str) -> Decision:
     """Reads the script's reply: {allowed, blocked, retry_ms, granted, remaining, reset, ...}."""
     limits, granted = ask.limits, int(reply[3])
-    remaining, reset = map(int, reply[4::2]), map(int, reply[5::2])
-    standings = tuple(map(Standing, limits, remaining, reset))
+    pairs = iter(reply[4:])  # remaining, reset of each limit in turn: zip takes them in pairs
+    triples = zip(limits, pairs, pairs, strict=False)  # a short reply: the limits it covers
+    standings = tuple([Standing(lim, int(left), int(reset)) for lim, left, reset in triples])
     if not reply[0]:
         blocked = limits[int(reply[1]) - 1]
         return Decision(False, granted, int(reply[2]), blocked, standings, None)

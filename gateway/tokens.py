@@ -24,7 +24,7 @@ CAP_FIELDS = {
 
 def count_text(text: str) -> int:
     """Tokens in `text`: ceil(characters / 4)."""
-    return (len(text) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
+    return _count_chars(len(text))
 
 
 def count_prompt(endpoint: str, body: dict[str, Any]) -> int:
@@ -33,10 +33,10 @@ def count_prompt(endpoint: str, body: dict[str, Any]) -> int:
         messages = body.get("messages")
         if not isinstance(messages, list):
             return 0
-        texts = sum(count_text(_text_of(m)) for m in messages if isinstance(m, dict))
+        texts = sum(_count_chars(_length_of(m)) for m in messages if isinstance(m, dict))
         return texts + PER_MESSAGE * len(messages) + REPLY_PRIMING
     if endpoint == "responses":
-        return count_text(_text_of(body.get("instructions"))) + _count_input(body.get("input"))
+        return _count_chars(_length_of(body.get("instructions"))) + _count_input(body.get("input"))
     if endpoint in ("completions", "embeddings"):
         field = "prompt" if endpoint == "completions" else "input"
         return _count_input(body.get(field))
@@ -68,25 +68,33 @@ def _count_input_item(item: Any) -> int:
     if isinstance(item, list):
         return len(item) if all(isinstance(t, int) for t in item) else _count_input(item)
     if isinstance(item, dict):
-        return count_text(_text_of(item)) + PER_MESSAGE
+        return _count_chars(_length_of(item)) + PER_MESSAGE
     return 0
 
 
-def _text_of(value: Any) -> str:
-    """The text parts of a message, content part list, or string."""
+def _count_chars(chars: int) -> int:
+    """`count_text` of a text of `chars` characters."""
+    return (chars + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
+
+
+def _length_of(value: Any) -> int:
+    """Characters in the text parts of a message, content part list, or string: the length
+    of their concatenation, counted without building it."""
     if isinstance(value, str):
-        return value
+        return len(value)
     if isinstance(value, list):
-        return "".join(_text_of(part) for part in value)
+        return sum(_length_of(part) for part in value)
     if not isinstance(value, dict):
-        return ""
-    parts = [
-        value[k] for k in ("text", "name", "arguments", "output") if isinstance(value.get(k), str)
-    ]
+        return 0
+    length = 0
+    for k in ("text", "name", "arguments", "output"):
+        part = value.get(k)
+        if isinstance(part, str):
+            length += len(part)
     content = value.get("content")
     if content is not None:
-        parts.append(_text_of(content))
+        length += _length_of(content)
     for call in value.get("tool_calls") or ():
         if isinstance(call, dict):
-            parts.append(_text_of(call.get("function")))
-    return "".join(parts)
+            length += _length_of(call.get("function"))
+    return length

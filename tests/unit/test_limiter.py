@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from gateway import metrics
 from gateway.config import LimitSettings, LimitValues, RedisSettings
 from gateway.errors import ServiceUnavailableError
-from gateway.limiter import BATCH_SIZE, Breaker, Limiter, RedisBackend
+from gateway.limiter import BATCH_SIZE, Breaker, Limiter, RedisBackend, _Batch
 from gateway.limits import Ask, Limit, MemoryBackend, limits_for
 
 T0 = 1_750_000_000_000.0  # ms; a fixed "now" injected into both backends
@@ -271,6 +271,17 @@ async def test_a_failed_batch_applies_the_failure_mode_to_every_caller(redis_ser
         assert limiter.breaker.is_open
     finally:
         await limiter.close()
+
+
+def test_a_batch_encodes_each_set_of_limits_once_and_sends_each_key_once():
+    batch = _Batch()
+    first, other = (rate(5), slots(2)), (rate(5), rate(9, key="x"))
+    words = batch.words_of("{t}:", first)
+    assert batch.words_of("{t}:", (rate(5), slots(2))) is words  # equal limits: encoded once
+    assert words == "2 1 r 5 60000 2 c 2 10000"
+    assert batch.words_of("{t}:", other) == "2 1 r 5 60000 3 r 9 60000"  # k:r keeps its index
+    assert list(batch.slots) == ["{t}:k:r", "{t}:k:c", "{t}:x:r"]
+    assert _Batch().words_of("{t}:", other) == "2 1 r 5 60000 2 r 9 60000"  # per batch
 
 
 async def test_limits_are_built_once_per_dimension_but_budgets_follow_the_clock():

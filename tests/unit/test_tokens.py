@@ -41,3 +41,33 @@ def test_other_endpoints_count_their_inputs(endpoint, body, tokens):
 ])  # fmt: skip
 def test_completion_cap_reads_the_field_of_each_endpoint(endpoint, body, cap):
     assert completion_cap(endpoint, body) == cap
+
+
+def _joined(value):
+    """The text the estimate counts, built by concatenation: what `_length_of` must measure."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "".join(_joined(part) for part in value)
+    if not isinstance(value, dict):
+        return ""
+    parts = [value[k] for k in ("text", "name", "arguments", "output")
+             if isinstance(value.get(k), str)]  # fmt: skip
+    if value.get("content") is not None:
+        parts.append(_joined(value["content"]))
+    parts += [_joined(c.get("function")) for c in value.get("tool_calls") or ()
+              if isinstance(c, dict)]  # fmt: skip
+    return "".join(parts)
+
+
+@pytest.mark.parametrize("message", [
+    "plain", 7, None, ["a", {"type": "text", "text": "bc"}, {"type": "image_url"}],
+    {"role": "user", "content": "héllo wörld", "name": "ann"},
+    {"role": "assistant", "content": None,
+     "tool_calls": [{"function": {"name": "f", "arguments": '{"x": 1}'}}, "junk", {}]},
+    {"type": "function_call_output", "output": "42", "text": 5, "content": [["x", "yz"]]},
+])  # fmt: skip
+def test_the_length_of_text_parts_is_that_of_their_concatenation(message):
+    from gateway.tokens import _length_of
+
+    assert _length_of(message) == len(_joined(message))

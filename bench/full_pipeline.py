@@ -5,7 +5,9 @@ latency), the floor proxy (bench/floor_proxy.py), and `gateway serve` with JWT a
 Redis rate limits, the shipped policies, audit logging and prompt redaction, with NER off and
 on, at `--workers 1` and `--workers 2`. Each round has a latency run (one request in flight)
 and a throughput run (`--concurrency` in flight). CPU per request is the CPU time of the
-target's whole process tree (master, workers, NER processes) read from /proc.
+target's whole process tree (master, workers, NER processes) read from /proc. "Cores busy"
+is the whole machine's CPU use during the throughput run (load generator, provider, Redis and
+the target together): near the core count, the machine, not the gateway, is the limit.
 
 The config adapts to the option names the checkout has: a feature whose section is missing is
 left out and listed as such.
@@ -267,6 +269,7 @@ class Target:
     p50: list[float] = field(default_factory=list)
     p99: list[float] = field(default_factory=list)
     cpu_ms: list[float] = field(default_factory=list)
+    cores_busy: list[float] = field(default_factory=list)
     errors: int = 0
 
 
@@ -285,14 +288,30 @@ def start_gateway(name: str, config: dict[str, Any], workers: int, tmp: Path) ->
 def measure(target: Target, body: bytes, headers: dict[str, str], args: argparse.Namespace) -> None:
     url = target.server.url + target.path
     latency = run_load(url, body, headers, concurrency=1, watch=[], count=args.latency_count)
+    before = machine_jiffies()
     load = run_load(url, body, headers, concurrency=args.concurrency, watch=[target.server],
                     duration=args.duration)  # fmt: skip
+    target.cores_busy.append(cores_busy(before, machine_jiffies()))
     target.p50.append(1000 * percentile(latency.latencies, 50))
     target.p99.append(1000 * percentile(latency.latencies, 99))
     target.rps.append(load.rps)
     if target.name != "provider (direct)":
         target.cpu_ms.append(load.cpu_ms_per_request(target.server.name))
     target.errors += latency.errors + load.errors
+
+
+def machine_jiffies() -> tuple[int, int]:
+    """(busy, all) CPU time of the whole machine so far, from the first line of /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle and iowait
+    return sum(values) - idle, sum(values)
+
+
+def cores_busy(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """How many of the machine's cores were busy on average (load generator, provider, Redis
+    and the target together): near the core count, the machine is the limit."""
+    spent = after[1] - before[1]
+    return (after[0] - before[0]) / spent * (os.cpu_count() or 1) if spent else float("nan")
 
 
 def report(targets: list[Target], features: Features, args: argparse.Namespace) -> None:
@@ -311,9 +330,10 @@ def report(targets: list[Target], features: Features, args: argparse.Namespace) 
         over_bare = fmt(cpu - bare_cpu, 3) if t.cpu_ms and t is not floor else "-"
         rows.append([t.name, fmt(median(t.rps), 0), fmt(median(t.p50), 2), fmt(added50, 2),
                      fmt(added99, 2), fmt(cpu, 3), fmt(ratio(cpu, floor_cpu), 2), over_bare,
-                     str(t.errors)])  # fmt: skip
+                     fmt(median(t.cores_busy), 2), str(t.errors)])  # fmt: skip
     print_table(["target", "req/s", "p50 ms", "added p50 ms", "added p99 ms", "CPU ms/req",
-                 "CPU x floor", "CPU ms over all off", "errors"], rows)  # fmt: skip
+                 "CPU x floor", "CPU ms over all off", f"cores busy (of {os.cpu_count()})",
+                 "errors"], rows)  # fmt: skip
     by_name = {t.name: t for t in targets}
     for ner in ("off", "on"):
         one, two = (

@@ -78,6 +78,8 @@ def injection_score(
         found = _ascii_signals(text, signals)
     else:
         found = _signals(text, normalise(text).text if folded is None else folded, signals)
+    if not found:
+        return 0.0, found
     score = sum(w for name, w in zip(SIGNALS, signals.weights, strict=True) if name in found)
     return score, found
 

@@ -162,6 +162,7 @@ class PolicySet:
         self._injection = {(p.id, r.id): _signals(r) for p, r in self._of(InjectionRule)}
         self._selections: dict[tuple[Any, ...], Selection] = {}
         self._chosen: dict[tuple[frozenset[str], type], Rules] = {}
+        self._decisions: dict[tuple[str, str, str], PolicyDecision] = {}
 
     @property
     def rule_count(self) -> int:
@@ -229,6 +230,14 @@ class PolicySet:
             self._chosen[key] = tuple((p, r) for p, r in self._of(kind) if p.id in selection.ids)
         return self._chosen[key]
 
+    def decision(self, finding: Finding, direction: str) -> PolicyDecision:
+        """`finding.decision(direction, self.hash)`, built once per rule and direction."""
+        key = (finding.policy.id, finding.rule.id, direction)
+        decision = self._decisions.get(key)
+        if decision is None:
+            decision = self._decisions[key] = finding.decision(direction, self.hash)
+        return decision
+
     def needs_entities(self) -> bool:
         return bool(self._of(EntitiesRule))
 
@@ -255,7 +264,9 @@ class PolicySet:
             for hit in scanned.hits if hit.key[0] in selection.ids
             for policy, rule in [self._rules[hit.key]]
         ]  # fmt: skip
-        findings += await self._entities(selection, text, direction, finder)
+        entity_rules = self._entity_rules(selection, direction)
+        if entity_rules and text:  # only then the finder is asked: a coroutine per text
+            findings += await self._entities(entity_rules, text, finder)
         if direction == "prompt":
             findings += self._injections(selection, text, scanned.normalised.text)
         elif canary:
@@ -270,15 +281,14 @@ class PolicySet:
         return Scanned(findings, max(0, safe))
 
     def _entity_rules(self, selection: Selection, direction: str) -> Rules:
+        if EntitiesRule not in self._kinds:
+            return ()
         rules = self.rules_of(selection, EntitiesRule)
         return tuple((p, r) for p, r in rules if _covers(r, direction)) if rules else rules
 
     async def _entities(
-        self, selection: Selection, text: str, direction: str, finder: EntityFinder | None
+        self, rules: Rules, text: str, finder: EntityFinder | None
     ) -> list[Finding]:
-        rules = self._entity_rules(selection, direction)
-        if not rules or not text:
-            return []
         if finder is None:
             raise PolicyError([Problem(self.source, 0, "entity rules need the redaction engine")])
         wanted = frozenset(e for _, r in rules for e in r.entities)

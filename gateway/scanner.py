@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from re import _parser as sre_parse  # type: ignore[attr-defined]
 from typing import Any
@@ -218,16 +218,42 @@ class TextScanner:
         self, index: int, folded: Normalised, subject: str | bytes, start: int
     ) -> Iterable[Hit]:
         item, regex = self._patterns[index], self._compiled[index]
+        if not item.group:
+            return _plain_hits(item.key, regex, folded, subject, start)
+        return self._word_hits(item, regex, folded, subject, start)
+
+    def _word_hits(
+        self, item: TextPattern, regex: Any, folded: Normalised, subject: str | bytes, start: int
+    ) -> Iterator[Hit]:
         position = max(0, start - item.group)  # a whole word's match begins at its separator
         while position <= len(subject):
             found = regex.search(subject, position)
             if found is None:
                 return
             start, end = found.span(item.group)
-            whole_start, whole_end = found.span()
+            whole_start = found.start()
             begin, finish = folded.span(start, end)
             yield Hit(item.key, begin, finish, whole_start)
-            position = max(end, whole_start + 1) if item.group else max(whole_end, start + 1)
+            position = max(end, whole_start + 1)
+
+
+def _plain_hits(
+    key: RuleKey, regex: Any, folded: Normalised, subject: str | bytes, start: int
+) -> Iterator[Hit]:
+    """Every match of a pattern whose whole match is the span, from `start`, in one pass.
+
+    `finditer` resumes at a match's end (one further after an empty match), as a search per
+    match would, but returns an empty match twice when it was not at the position searched
+    from: the repeat is skipped.
+    """
+    previous = (-1, -1)
+    for found in regex.finditer(subject, start):
+        span = found.span()
+        if span == previous and span[0] == span[1]:
+            continue
+        previous = span
+        begin, finish = folded.span(*span)
+        yield Hit(key, begin, finish, span[0])
 
 
 # --- where a match could still be starting -------------------------------------------------

@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, ClassVar, Protocol
 
@@ -45,6 +47,7 @@ from gateway.sse import SseEvent
 from gateway.stream_matcher import Scanned
 
 log = get_logger("gateway.policy")
+_NOTES = 1024  # bound on the decisions whose log line and counter are prepared
 _TOKEN_KEYS = {"chat.completions": "max_tokens", "completions": "max_tokens",
                "responses": "max_output_tokens"}  # fmt: skip
 _ALL_TOKEN_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
@@ -63,6 +66,7 @@ class EnforcePolicy(Stage):
         self._finder = finder
         key = settings.pseudonym_key
         self._pseudonym_key = key.get_secret_value().encode() if key else secrets.token_bytes(32)
+        self._notes: dict[PolicyDecision, _Note] = {}
 
     async def on_request(self, exchange: Exchange) -> None:
         policies, selection = self._select(exchange)
@@ -103,28 +107,34 @@ class EnforcePolicy(Stage):
     ) -> None:
         """Adds one decision per rule and direction to the exchange, and logs it."""
         for finding in findings:
-            decision = finding.decision(direction, policies.hash)
+            decision = policies.decision(finding, direction)
             if decision in exchange.decisions:
                 continue
             exchange.decisions.append(decision)
-            _log_decision(decision, finding.detail)
+            self._note(decision).record(finding.detail)
 
     async def scan(
         self, exchange: Exchange, policies: PolicySet, selection: Selection, text: str,
         direction: TextDirection, *, fresh: int = 0,
     ) -> Scanned[Finding]:  # fmt: skip
-        with metrics.child(metrics.POLICY_SCAN_SECONDS, direction).time():
+        started = time.perf_counter()
+        try:
             return await policies.scan(selection, text, direction, canary=exchange.canary,
                                        finder=self._finder, fresh=fresh)  # fmt: skip
+        finally:
+            _scan_took(direction, started)
 
     async def check_completion(
         self, exchange: Exchange, policies: PolicySet, selection: Selection, text: str
     ) -> tuple[str, Finding | None]:
         """A whole completion text, with redactions applied, and the block that ends it."""
-        with metrics.child(metrics.POLICY_SCAN_SECONDS, "completion").time():
+        started = time.perf_counter()
+        try:
             release = await policies.evaluate(
                 selection, text, "completion", canary=exchange.canary, finder=self._finder
             )
+        finally:
+            _scan_took("completion", started)
         self.record(exchange, policies, release.matches, "completion")
         if release.blocked is not None:
             self.record(exchange, policies, [release.blocked], "completion")
@@ -134,6 +144,15 @@ class EnforcePolicy(Stage):
     @property
     def completion_block(self) -> str:
         return self._settings.completion_block
+
+    def _note(self, decision: PolicyDecision) -> _Note:
+        """The decision's counter and log line, prepared on its first use."""
+        note = self._notes.get(decision)
+        if note is None:
+            if len(self._notes) >= _NOTES:
+                self._notes.clear()
+            note = self._notes[decision] = _Note.of(decision)
+        return note
 
     def _refuse_completion(self, blocked: Finding) -> None:
         if self._settings.completion_block == "error":
@@ -152,15 +171,16 @@ class EnforcePolicy(Stage):
         self, exchange: Exchange, policies: PolicySet, selection: Selection
     ) -> None:
         for slot in prompt_slots(exchange.endpoint, exchange.body):
-            with metrics.child(metrics.POLICY_SCAN_SECONDS, "prompt").time():
-                release = await policies.evaluate(
-                    selection, slot.text, "prompt", finder=self._finder
-                )
+            text, started = slot.text, time.perf_counter()
+            try:
+                release = await policies.evaluate(selection, text, "prompt", finder=self._finder)
+            finally:
+                _scan_took("prompt", started)
             self.record(exchange, policies, release.matches, "prompt")
             if release.blocked is not None:
                 self.record(exchange, policies, [release.blocked], "prompt")
                 raise _blocked_error(release.blocked, "request")
-            if release.text != slot.text:
+            if release.text != text:
                 slot.set(release.text)
                 exchange.mark_changed()
 
@@ -297,17 +317,34 @@ def _blocked_error(finding: Finding, what: str, detail: str | None = None) -> Co
     )
 
 
-def _log_decision(decision: PolicyDecision, detail: str) -> None:
-    metrics.child(
-        metrics.POLICY_DECISIONS, decision.direction, decision.action, decision.severity,
-        decision.mode,
-    ).inc()  # fmt: skip
-    log.info(
-        "policy_decision", policy_id=decision.policy_id, policy_version=decision.policy_version,
-        rule_id=decision.rule_id, action=decision.action, severity=decision.severity,
-        mode=decision.mode, direction=decision.direction, enforced=decision.mode == "enforce",
-        policy_set_hash=decision.policy_set_hash, detail=detail or None,
-    )  # fmt: skip
+def _scan_took(direction: str, started: float) -> None:
+    metrics.child(metrics.POLICY_SCAN_SECONDS, direction).observe(time.perf_counter() - started)
+
+
+@dataclass(frozen=True, slots=True)
+class _Note:
+    """What recording one decision takes: its counter, and a logger bound to its fields."""
+
+    counter: Any
+    logger: Any
+
+    @classmethod
+    def of(cls, decision: PolicyDecision) -> _Note:
+        counter = metrics.child(
+            metrics.POLICY_DECISIONS, decision.direction, decision.action, decision.severity,
+            decision.mode,
+        )  # fmt: skip
+        logger = log.bind(
+            policy_id=decision.policy_id, policy_version=decision.policy_version,
+            rule_id=decision.rule_id, action=decision.action, severity=decision.severity,
+            mode=decision.mode, direction=decision.direction,
+            enforced=decision.mode == "enforce", policy_set_hash=decision.policy_set_hash,
+        )  # fmt: skip
+        return cls(counter, logger)
+
+    def record(self, detail: str) -> None:
+        self.counter.inc()
+        self.logger.info("policy_decision", detail=detail or None)
 
 
 class Analyzer(Protocol):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway import metrics
 from gateway.config import PolicySettings
 from gateway.errors import ContentPolicyError
 from gateway.exchange import Exchange, Principal
@@ -94,6 +95,27 @@ async def test_flag_and_shadow_pass_the_text_and_record(tmp_path, action, mode):
     assert exchange.body["messages"][-1]["content"] == "about project bluebird"
     assert [d.rule_id for d in exchange.decisions] == ["no-secrets"]
     assert exchange.decisions[0].mode == mode
+
+
+async def test_each_decision_is_logged_and_counted_with_every_field(tmp_path, log_buffer):
+    counter = metrics.child(metrics.POLICY_DECISIONS, "prompt", "flag", "high", "enforce")
+    before = counter._value.get()
+    stage = await make_stage(tmp_path, action="flag")
+    for _ in range(2):  # the second request reuses what the first prepared
+        await stage.on_request(chat("about project bluebird, project bluebird"))
+    lines = [json.loads(line) for line in log_buffer.getvalue().splitlines()]
+    logged = [line for line in lines if line["event"] == "policy_decision"]
+    assert len(logged) == 2 and counter._value.get() == before + 2
+    [hash_] = {line.pop("policy_set_hash") for line in logged}
+    assert hash_.startswith("sha256:")
+    for line in logged:
+        assert line.pop("timestamp")
+        assert line == {
+            "logger_name": "gateway.policy", "policy_id": "p", "policy_version": "4",
+            "rule_id": "no-secrets", "action": "flag", "severity": "high", "mode": "enforce",
+            "direction": "prompt", "enforced": True, "detail": None,
+            "event": "policy_decision", "level": "info",
+        }  # fmt: skip
 
 
 async def test_request_constraints(tmp_path):

@@ -150,6 +150,19 @@ def test_rules_of_a_selection_are_those_of_its_policies_however_often_asked(endp
     assert bool(injection) is (endpoint == "chat.completions")
 
 
+async def test_a_rules_decision_is_built_once_per_direction_and_set():
+    policies = policy_set(WORDS)
+    selection = policies.select_all()
+    [first] = (await policies.scan(selection, "blue bird", "prompt", fresh=None)).matches
+    [again] = (await policies.scan(selection, "a blue bird", "prompt", fresh=None)).matches
+    decision = policies.decision(first, "prompt")
+    assert decision == first.decision("prompt", "sha256:test")
+    assert policies.decision(again, "prompt") is decision
+    assert policies.decision(first, "completion").direction == "completion"
+    reloaded = PolicySet(policies.policies, "sha256:other")
+    assert reloaded.decision(first, "prompt").policy_set_hash == "sha256:other"
+
+
 INJECTION = """
 id: inj
 version: 1

@@ -7,6 +7,7 @@ import string
 from pathlib import Path
 
 import pytest
+import re2
 from faker import Faker
 
 from gateway import scanner
@@ -117,3 +118,25 @@ async def test_searching_ascii_as_bytes_finds_what_a_str_search_finds(monkeypatc
     assert fast == slow
     assert sum(1 for found, _ in fast if found) > len(cases) // 4  # the samples do match
     assert sum(text.isascii() for text, _, _ in cases) > len(cases) // 2
+
+
+def search_by_search(pattern: str, text: str, fresh: int) -> list[tuple[int, int]]:
+    """Every match, one search at a time: from a match's end, one further after an empty one."""
+    regex, subject = re2.compile(pattern, scanner.re2_options()), searchable(text)
+    spans, position = [], fresh
+    while position <= len(subject) and (found := regex.search(subject, position)) is not None:
+        spans.append(found.span())
+        position = max(found.end(), found.start() + 1)
+    return spans
+
+
+@pytest.mark.parametrize("pattern", [r"\b", r"x*", r"a|", r"$", r"(?:)", r"ab|b", r"\d{3}"])
+@pytest.mark.parametrize("text", ["", "axxb ab 123", "café xx 4567", "ab  cd"])
+def test_each_match_of_a_pattern_is_found_once(pattern, text):
+    """Empty matches included: a one-pass search must not return one twice."""
+    patterns = scanner.TextScanner([scanner.TextPattern(("p", "r"), pattern, 8)])
+    for fresh in range(len(text) + 1):
+        found = [(h.start, h.end) for h in patterns.scan(text, fresh).hits]
+        folded = scanner.normalise(text)
+        expected = [folded.span(*span) for span in search_by_search(pattern, folded.text, fresh)]
+        assert found == expected, (pattern, text, fresh)

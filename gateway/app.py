@@ -26,8 +26,9 @@ from gateway.limiter import Limiter
 from gateway.log import get_logger
 from gateway.middlewares import AUDIT_REFUSED, record_metrics, render_errors, request_context
 from gateway.pipeline import Pipeline, Stage
-from gateway.policies import PolicySet, merged_redaction
+from gateway.policies import PolicySet
 from gateway.policy_store import PolicyStore
+from gateway.redaction_rules import merged_redaction
 from gateway.redactor import Redactor
 from gateway.routes import (
     CATALOG,

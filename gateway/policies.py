@@ -387,32 +387,3 @@ def _applies(
     role_ok = "*" in scope.roles or any(_matches(scope.roles, r) for r in roles)
     return (_matches(scope.tenants, tenant) and role_ok and _matches(scope.models, model)
             and _matches(scope.endpoints, endpoint))  # fmt: skip
-
-
-_STRICTNESS = {"allow": 0, "pseudonymize": 1, "hash": 2, "mask": 3, "block": 4}
-
-
-def merged_redaction(base: RedactionRules, sections: Sequence[RedactionRules]) -> RedactionRules:
-    """The redactor's rules with every policy's `redaction:` section laid over them.
-
-    Only what a section sets counts: its entity rules (the stricter action wins), allow and
-    deny lists (joined), `images: refuse` and a lower `default_threshold`.
-    """
-    entities = dict(base.entities)
-    allow, patterns, deny = list(base.allow), list(base.allow_patterns), list(base.deny)
-    images, threshold = base.images, base.default_threshold
-    for section in sections:
-        given = section.model_fields_set
-        if "entities" in given:
-            for name, rule in section.entities.items():
-                current = entities.get(name)
-                if current is None or _STRICTNESS[rule.action] >= _STRICTNESS[current.action]:
-                    entities[name] = rule
-        allow += [v for v in section.allow if v not in allow]
-        patterns += [v for v in section.allow_patterns if v not in patterns]
-        deny += [v for v in section.deny if v not in deny]
-        images = "refuse" if section.images == "refuse" else images
-        if "default_threshold" in given:
-            threshold = min(threshold, section.default_threshold)
-    return RedactionRules(entities=entities, allow=tuple(allow), allow_patterns=tuple(patterns),
-                          deny=tuple(deny), images=images, default_threshold=threshold)  # fmt: skip

@@ -1,7 +1,8 @@
 """What prompt redaction looks for and what it does with each finding: the `RedactionRules` model.
 
 Owns the per-entity actions (pseudonymize, mask, hash, block, allow), score thresholds, allow-
-and deny-lists, restore switches and the handling of image parts. The same model is the
+and deny-lists, restore switches, the handling of image parts, and how policy files'
+`redaction:` sections are laid over the configured rules (`merged_redaction`). The same model is the
 `redaction.rules` section of the config and the `redaction:` section of policy files, so it is
 self-contained and frozen. Must not import anything but pydantic and the standard library.
 """
@@ -9,6 +10,7 @@ self-contained and frozen. Must not import anything but pydantic and the standar
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from functools import cached_property
 from typing import Literal
 
@@ -193,3 +195,32 @@ class RedactionRules(BaseModel):
     def threshold_for(self, entity: str) -> float:
         threshold = self.rule_for(entity).threshold
         return self.default_threshold if threshold is None else threshold
+
+
+_STRICTNESS = {"allow": 0, "pseudonymize": 1, "hash": 2, "mask": 3, "block": 4}
+
+
+def merged_redaction(base: RedactionRules, sections: Sequence[RedactionRules]) -> RedactionRules:
+    """The redactor's rules with every policy's `redaction:` section laid over them.
+
+    Only what a section sets counts: its entity rules (the stricter action wins), allow and
+    deny lists (joined), `images: refuse` and a lower `default_threshold`.
+    """
+    entities = dict(base.entities)
+    allow, patterns, deny = list(base.allow), list(base.allow_patterns), list(base.deny)
+    images, threshold = base.images, base.default_threshold
+    for section in sections:
+        given = section.model_fields_set
+        if "entities" in given:
+            for name, rule in section.entities.items():
+                current = entities.get(name)
+                if current is None or _STRICTNESS[rule.action] >= _STRICTNESS[current.action]:
+                    entities[name] = rule
+        allow += [v for v in section.allow if v not in allow]
+        patterns += [v for v in section.allow_patterns if v not in patterns]
+        deny += [v for v in section.deny if v not in deny]
+        images = "refuse" if section.images == "refuse" else images
+        if "default_threshold" in given:
+            threshold = min(threshold, section.default_threshold)
+    return RedactionRules(entities=entities, allow=tuple(allow), allow_patterns=tuple(patterns),
+                          deny=tuple(deny), images=images, default_threshold=threshold)  # fmt: skip

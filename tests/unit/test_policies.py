@@ -18,13 +18,11 @@ from gateway.policies import (
     PolicyError,
     PolicySet,
     load_policies,
-    merged_redaction,
     parse_policy,
     policy_set_hash,
 )
 from gateway.policy_schema import CanaryRule, InjectionRule, RegexRule, RequestRule, WordsRule
 from gateway.policy_store import PolicyStore
-from gateway.redaction_rules import RedactionRules
 from gateway.scanner import normalise, pattern_width
 from gateway.stream_matcher import StreamMatcher
 
@@ -255,19 +253,6 @@ def test_entity_rules_without_the_redaction_engine_stop_loading(tmp_path):
     )
     with pytest.raises(PolicyError, match="redaction engine"):
         load_policies(tmp_path, entities_available=False)
-
-
-def test_redaction_sections_merge_strictest_and_join_lists():
-    base = RedactionRules()
-    first = RedactionRules.model_validate({"entities": {"PERSON": {"action": "mask"}},
-                                           "allow": ["Acme"]})  # fmt: skip
-    second = RedactionRules.model_validate({"entities": {"PERSON": {"action": "allow"}},
-                                            "deny": ["bluebird"], "images": "refuse"})  # fmt: skip
-    merged = merged_redaction(base, [first, second])
-    assert merged.entities["PERSON"].action == "mask"
-    assert "EMAIL_ADDRESS" in merged.entities  # untouched defaults stay
-    assert merged.allow == ("Acme",) and merged.deny == ("bluebird",)
-    assert merged.images == "refuse"
 
 
 def random_rules(count: int, seed: int = 7) -> str:

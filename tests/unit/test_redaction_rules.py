@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.redaction_rules import EntityRule, RedactionRules
+from gateway.redaction_rules import EntityRule, RedactionRules, merged_redaction
 
 
 def test_detected_types_are_sorted_without_allowed_ones_or_the_deny_list():
@@ -39,3 +39,16 @@ def test_equal_rules_compare_equal_once_their_views_were_built():
     one, two = RedactionRules(deny=("x",)), RedactionRules(deny=("x",))
     assert one.deny_regex is not None and one.detected()
     assert one == two and one.model_dump() == two.model_dump()
+
+
+def test_redaction_sections_merge_strictest_and_join_lists():
+    base = RedactionRules()
+    first = RedactionRules.model_validate({"entities": {"PERSON": {"action": "mask"}},
+                                           "allow": ["Acme"]})  # fmt: skip
+    second = RedactionRules.model_validate({"entities": {"PERSON": {"action": "allow"}},
+                                            "deny": ["bluebird"], "images": "refuse"})  # fmt: skip
+    merged = merged_redaction(base, [first, second])
+    assert merged.entities["PERSON"].action == "mask"
+    assert "EMAIL_ADDRESS" in merged.entities  # untouched defaults stay
+    assert merged.allow == ("Acme",) and merged.deny == ("bluebird",)
+    assert merged.images == "refuse"

@@ -3,8 +3,8 @@
 Owns which limits apply (per key or subject, tenant, model, global; tiers assigned by key,
 claim or tenant, with per-key overrides), the token reservation (offline prompt estimate plus
 the completion maximum), asking providers for stream usage (and hiding that extra chunk from
-clients that did not ask), cutting a stream at its budget, the `x-ratelimit-*` headers and the
-429 answers. Must not talk to Redis (the `Limiter` does) nor keep state outside the exchange.
+clients that did not ask), cutting a stream at its budget (metered by `gateway.stream_meter`),
+the `x-ratelimit-*` headers and the 429 answers. Must not talk to Redis (the `Limiter` does) nor keep state outside the exchange.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from gateway.exchange import Exchange, Principal, Usage
 from gateway.limiter import Limiter
 from gateway.limits import Ask, Decision, Limit, Reservation, Standing
 from gateway.pipeline import Stage
-from gateway.sse import SseEvent, json_event
+from gateway.sse import SseEvent
+from gateway.stream_meter import StreamMeter, usage_of
 from gateway.tokens import CAP_FIELDS, CHARS_PER_TOKEN, completion_cap, count_prompt
 
 ANONYMOUS = "anonymous"
@@ -198,25 +199,11 @@ def _used(exchange: Exchange, ticket: Ticket) -> int:
     return ticket.reservation.granted
 
 
-def usage_of(payload: Any) -> Usage | None:
-    """Usage from a completion, a usage chunk, or a Responses API response object."""
-    if not isinstance(payload, dict):
-        return None
-    usage = payload.get("usage")
-    if not isinstance(usage, dict):
-        return None
-    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
-    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        return None
-    return Usage(prompt, completion)
-
-
 async def _metered(
     exchange: Exchange, ticket: Ticket, events: AsyncIterator[SseEvent]
 ) -> AsyncIterator[SseEvent]:
     """Records usage, hides the usage chunk the client did not ask for, and cuts at a budget."""
-    meter = _Meter(exchange, ticket)
+    meter = StreamMeter(exchange, ticket.prompt_tokens, ticket.allowance)
     try:
         async for event in events:
             for out in meter.feed(event):
@@ -227,121 +214,6 @@ async def _metered(
         if exchange.usage is None and meter.chars:
             completion = math.ceil(meter.chars / CHARS_PER_TOKEN)
             exchange.usage = Usage(ticket.prompt_tokens, completion)
-
-
-class _Meter:
-    """Per-stream state: characters of completion so far, and the Responses API envelope."""
-
-    def __init__(self, exchange: Exchange, ticket: Ticket) -> None:
-        self.exchange = exchange
-        self.room = None if ticket.allowance is None else ticket.allowance * CHARS_PER_TOKEN
-        self.chars = 0
-        self.cut = False
-        self.sequence = 0
-        self.response: dict[str, Any] | None = None
-
-    def feed(self, event: SseEvent) -> list[SseEvent]:
-        if event.is_done:
-            return [event]
-        payload = event.json_object()
-        if payload is None:
-            return [event]
-        if self.exchange.endpoint == "responses":
-            return self._responses_event(event, payload)
-        usage = usage_of(payload)
-        if usage is not None:
-            self.exchange.usage = usage
-            if not payload.get("choices") and not self.exchange.client_wants_usage:
-                return []  # the usage chunk the gateway asked for on the client's behalf
-        return self._chunk(event, payload)
-
-    def _chunk(self, event: SseEvent, payload: dict[str, Any]) -> list[SseEvent]:
-        choices = payload.get("choices") or []
-        text = "".join(_choice_text(c) for c in choices if isinstance(c, dict))
-        if self.room is None or self.chars + len(text) <= self.room:
-            self.chars += len(text)
-            return [event]
-        keep = self.room - self.chars
-        self.chars, self.cut = self.room, True
-        out = [json_event(_truncated(payload, keep))] if keep > 0 else []
-        out.append(json_event(_length_chunk(payload, self.exchange.endpoint)))
-        if self.exchange.client_wants_usage:
-            out.append(json_event(self._usage_chunk(payload)))
-        self._charge_allowance()
-        return [*out, SseEvent("[DONE]")]
-
-    def _responses_event(self, event: SseEvent, payload: dict[str, Any]) -> list[SseEvent]:
-        self.sequence = int(payload.get("sequence_number") or self.sequence)
-        kind = payload.get("type")
-        if kind == "response.created" and isinstance(payload.get("response"), dict):
-            self.response = payload["response"]
-        if kind in ("response.completed", "response.incomplete", "response.failed"):
-            usage = usage_of(payload.get("response"))
-            if usage is not None:
-                self.exchange.usage = usage
-        if kind != "response.output_text.delta":
-            return [event]
-        text = str(payload.get("delta") or "")
-        if self.room is None or self.chars + len(text) <= self.room:
-            self.chars += len(text)
-            return [event]
-        keep = self.room - self.chars
-        self.chars, self.cut = self.room, True
-        out = [json_event({**payload, "delta": text[:keep]}, event=event.event)] if keep > 0 else []
-        incomplete = {**(self.response or {}), "status": "incomplete",
-                      "incomplete_details": {"reason": "max_output_tokens"}}  # fmt: skip
-        done = {"type": "response.incomplete", "sequence_number": self.sequence + 1,
-                "response": incomplete}  # fmt: skip
-        self._charge_allowance()
-        return [*out, json_event(done, event="response.incomplete")]
-
-    def _usage_chunk(self, payload: dict[str, Any]) -> dict[str, Any]:
-        prompt = self.exchange.ratelimit_reservation.prompt_tokens
-        completion = self.room // CHARS_PER_TOKEN if self.room is not None else 0
-        usage = {"prompt_tokens": prompt, "completion_tokens": completion,
-                 "total_tokens": prompt + completion}  # fmt: skip
-        return {**_envelope(payload), "choices": [], "usage": usage}
-
-    def _charge_allowance(self) -> None:
-        """A cut stream is charged exactly what its budget allowed."""
-        ticket: Ticket = self.exchange.ratelimit_reservation
-        self.exchange.usage = Usage(ticket.prompt_tokens, ticket.allowance or 0)
-
-
-def _choice_text(choice: dict[str, Any]) -> str:
-    if "text" in choice:
-        return str(choice.get("text") or "")
-    delta = choice.get("delta") or {}
-    parts = [str(delta.get("content") or "")]
-    for call in delta.get("tool_calls") or ():
-        parts.append(str(((call or {}).get("function") or {}).get("arguments") or ""))
-    return "".join(parts)
-
-
-def _truncated(payload: dict[str, Any], keep: int) -> dict[str, Any]:
-    """The chunk with only its first `keep` characters of content (first choice)."""
-    choice = dict((payload.get("choices") or [{}])[0])
-    if "text" in choice:
-        choice["text"] = str(choice.get("text") or "")[:keep]
-    else:
-        delta = dict(choice.get("delta") or {})
-        delta["content"] = str(delta.get("content") or "")[:keep]
-        delta.pop("tool_calls", None)
-        choice["delta"] = delta
-    return {**payload, "choices": [choice]}
-
-
-def _envelope(payload: dict[str, Any]) -> dict[str, Any]:
-    return {k: payload[k] for k in ("id", "object", "created", "model") if k in payload}
-
-
-def _length_chunk(payload: dict[str, Any], endpoint: str) -> dict[str, Any]:
-    if endpoint == "completions":
-        choice: dict[str, Any] = {"text": "", "index": 0, "logprobs": None}
-    else:
-        choice = {"index": 0, "delta": {}, "logprobs": None}
-    choice["finish_reason"] = "length"
-    return {**_envelope(payload), "choices": [choice]}
 
 
 def rate_headers(standings: tuple[Standing, ...]) -> dict[str, str]:

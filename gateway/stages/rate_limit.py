@@ -4,7 +4,8 @@ Owns which limits apply (per key or subject, tenant, model, global; tiers assign
 claim or tenant, with per-key overrides), the token reservation (offline prompt estimate plus
 the completion maximum), asking providers for stream usage (and hiding that extra chunk from
 clients that did not ask), cutting a stream at its budget (metered by `gateway.stream_meter`),
-the `x-ratelimit-*` headers and the 429 answers. Must not talk to Redis (the `Limiter` does) nor keep state outside the exchange.
+the `x-ratelimit-*` headers and the 429 answers. Must not talk to Redis (the `Limiter` does)
+nor keep state outside the exchange.
 """
 
 from __future__ import annotations

@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 from gateway import metrics
+from gateway.event_json import json_event, payload_of
 from gateway.exchange import Exchange
 from gateway.policies import Finding
-from gateway.sse import DONE, SseEvent, json_event
+from gateway.sse import DONE, SseEvent
 from gateway.stream_matcher import Release, Scanned, StreamMatcher
 
 Key = tuple[Any, ...]
@@ -104,7 +105,7 @@ class StreamFilter:
     async def _chunk(self, event: SseEvent) -> list[SseEvent]:
         if event.is_done:
             return [*await self._flush_choices(), event]
-        payload = event.json_object()
+        payload = payload_of(event)
         if payload is None or not payload.get("choices"):
             return [event]
         self._base = {k: payload[k] for k in ("id", "object", "created", "model") if k in payload}
@@ -161,7 +162,7 @@ class StreamFilter:
     # -- responses -------------------------------------------------------------------------------
 
     async def _responses_event(self, event: SseEvent) -> list[SseEvent]:
-        payload = event.json_object()
+        payload = payload_of(event)
         if payload is None:
             return [event]
         kind = payload.get("type")

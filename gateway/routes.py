@@ -21,10 +21,10 @@ from gateway import metrics
 from gateway.catalog import Catalog
 from gateway.config import Settings
 from gateway.errors import GatewayError, InvalidRequestError
+from gateway.event_json import json_event
 from gateway.exchange import Exchange, JsonReply, Reply, StreamReply
 from gateway.log import get_logger
 from gateway.pipeline import Pipeline
-from gateway.sse import json_event
 
 ReadyCheck = Callable[[], Awaitable[str | None]]
 """Returns None when a dependency is fine, else a short reason."""

@@ -32,16 +32,6 @@ class SseEvent:
     def json(self) -> Any:
         return json.loads(self.data)
 
-    def json_object(self) -> dict[str, Any] | None:
-        """The data as a JSON object; None for `[DONE]`, non-JSON or another JSON type."""
-        if self.is_done:
-            return None
-        try:
-            payload = json.loads(self.data)
-        except ValueError:
-            return None
-        return payload if isinstance(payload, dict) else None
-
     def encode(self) -> bytes:
         if self.raw is not None:
             return self.raw
@@ -50,11 +40,6 @@ class SseEvent:
             return f"{head}data: {self.data}\n\n".encode()
         body = "".join(f"data: {line}\n" for line in self.data.split("\n"))
         return (head + body + "\n").encode()
-
-
-def json_event(payload: dict[str, Any], *, event: str | None = None) -> SseEvent:
-    """An event whose data is `payload` serialized compactly."""
-    return SseEvent(json.dumps(payload, separators=(",", ":"), ensure_ascii=False), event)
 
 
 class SseParser:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.event_json import json_event, payload_of
 from gateway.exchange import Exchange, Usage
-from gateway.sse import SseEvent, json_event
+from gateway.sse import SseEvent
 from gateway.tokens import CHARS_PER_TOKEN
 
 
@@ -51,7 +52,7 @@ class StreamMeter:
     def feed(self, event: SseEvent) -> list[SseEvent]:
         if event.is_done:
             return [event]
-        payload = event.json_object()
+        payload = payload_of(event)
         if payload is None:
             return [event]
         if self.exchange.endpoint == "responses":

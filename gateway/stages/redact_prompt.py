@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from gateway import metrics
 from gateway.errors import ContentPolicyError
+from gateway.event_json import json_event, payload_of
 from gateway.exchange import Exchange
 from gateway.log import get_logger
 from gateway.pipeline import Stage
@@ -28,7 +29,7 @@ from gateway.placeholders import (
 from gateway.redaction_payload import collect_texts
 from gateway.redaction_rules import RedactionRules
 from gateway.redactor import Finding
-from gateway.sse import SseEvent, json_event
+from gateway.sse import SseEvent
 
 log = get_logger("gateway.redact_prompt")
 
@@ -197,7 +198,7 @@ class StreamRestorer:
         return self._channels[key]
 
     def _event(self, event: SseEvent) -> list[SseEvent]:
-        payload = event.json_object()
+        payload = payload_of(event)
         if payload is None:
             return [event]
         kind = payload.get("type")

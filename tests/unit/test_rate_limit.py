@@ -9,10 +9,11 @@ import pytest
 
 from gateway.config import LimitSettings, RedisSettings
 from gateway.errors import QuotaExceededError, RateLimitError
+from gateway.event_json import json_event
 from gateway.exchange import Exchange, Principal, Usage
 from gateway.limiter import Limiter
 from gateway.limits import Limit, Standing
-from gateway.sse import SseEvent, json_event
+from gateway.sse import SseEvent
 from gateway.stages.rate_limit import RateLimit, duration, rate_headers
 from gateway.tokens import count_prompt
 

@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 
 from gateway.errors import ContentPolicyError, InvalidRequestError
+from gateway.event_json import json_event
 from gateway.exchange import Exchange
 from gateway.placeholders import Holdback
 from gateway.redaction_rules import EntityRule, RedactionRules
 from gateway.redactor import Finding
-from gateway.sse import SseEvent, json_event
+from gateway.sse import SseEvent
 from gateway.stages.redact_prompt import RedactPrompt
 
 WORDS = {"Alice Smith": "PERSON", "alice@example.org": "EMAIL_ADDRESS", "hunter2pass": "SECRET"}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.sse import SseEvent, SseParser, json_event
+from gateway.event_json import json_event
+from gateway.sse import SseEvent, SseParser
 
 STREAM = (
     b'event: response.created\ndata: {"a": 1}\n\n'
@@ -64,11 +65,3 @@ def test_changed_events_are_encoded_again():
     (event,) = parse([b"data: old\n\n"])
     changed = SseEvent("new", event.event)
     assert changed.raw is None and changed.encode() == b"data: new\n\n"
-
-
-@pytest.mark.parametrize(
-    ("data", "expected"),
-    [('{"a": 1}', {"a": 1}), ("[DONE]", None), ("not json", None), ("[1, 2]", None)],
-)
-def test_json_object_is_the_payload_or_none(data, expected):
-    assert SseEvent(data).json_object() == expected

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
+from gateway.event_json import json_event
 from gateway.exchange import Exchange, Usage
-from gateway.sse import SseEvent, json_event
+from gateway.sse import SseEvent
 from gateway.stream_meter import StreamMeter, usage_of
 from gateway.tokens import CHARS_PER_TOKEN
 

@@ -230,10 +230,8 @@ class Redactor:
         """The workers' own analysis (`analyze_jobs`, same recognizers), in this process."""
         try:
             return analyze_jobs(self._local, [(text, entities) for text in texts])
-        except Exception as exc:
-            metrics.REDACTION_REJECTED.labels("failed").inc()
-            log.error("redactor_analysis_failed", error_type=type(exc).__name__)
-            raise ServiceUnavailableError("The redactor failed. Try again later.") from exc
+        except Exception as exc:  # Presidio's own errors: any analysis failure refuses
+            raise _failed(exc) from exc
 
     def _submit(
         self, pool: concurrent.futures.ProcessPoolExecutor, jobs: list[Job]
@@ -267,10 +265,8 @@ class Redactor:
             ) from exc
         except BrokenProcessPool as exc:
             raise self._broken(pool) from exc
-        except Exception as exc:
-            metrics.REDACTION_REJECTED.labels("failed").inc()
-            log.error("redactor_analysis_failed", error_type=type(exc).__name__)
-            raise ServiceUnavailableError("The redactor failed. Try again later.") from exc
+        except Exception as exc:  # an analysis that raised in its worker
+            raise _failed(exc) from exc
 
     def _broken(self, pool: concurrent.futures.ProcessPoolExecutor) -> ServiceUnavailableError:
         """A worker died: start a fresh pool (once) for the next requests and refuse this one."""
@@ -288,6 +284,13 @@ class Redactor:
             initializer=init_worker,
             initargs=(self.settings.spacy_model, self.settings.phone_regions),
         )
+
+
+def _failed(exc: Exception) -> ServiceUnavailableError:
+    """An analysis that raised: counted, logged by type only (never text), refused with 503."""
+    metrics.REDACTION_REJECTED.labels("failed").inc()
+    log.error("redactor_analysis_failed", error_type=type(exc).__name__)
+    return ServiceUnavailableError("The redactor failed. Try again later.")
 
 
 def _needs_ner(entities: Iterable[str]) -> bool:

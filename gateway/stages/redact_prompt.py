@@ -267,12 +267,12 @@ class StreamRestorer:
     def _responses_event(
         self, payload: dict[str, Any], kind: str, name: str | None
     ) -> list[SseEvent]:
-        delta_key = _responses_delta_key(payload, kind)
+        delta_key = _responses_key(payload, kind, "delta")
         if delta_key is not None:
             payload["delta"] = self._channel(delta_key).feed(str(payload.get("delta", "")))
             return [json_event(payload, event=name)]
         out = []
-        done_key = _responses_done_key(payload, kind)
+        done_key = _responses_key(payload, kind, "done")
         if done_key is not None and done_key in self._channels:
             tail = self._channels.pop(done_key).flush()
             if tail:
@@ -285,17 +285,11 @@ class StreamRestorer:
         return out
 
 
-def _responses_delta_key(payload: dict[str, Any], kind: str) -> tuple[Any, ...] | None:
-    if kind == "response.output_text.delta":
+def _responses_key(payload: dict[str, Any], kind: str, phase: str) -> tuple[Any, ...] | None:
+    """The hold-back channel of a Responses API text or arguments event of `phase` (delta,
+    done); None for any other event."""
+    if kind == f"response.output_text.{phase}":
         return ("text", payload.get("item_id"), payload.get("content_index"))
-    if kind == "response.function_call_arguments.delta":
-        return ("args", payload.get("item_id"))
-    return None
-
-
-def _responses_done_key(payload: dict[str, Any], kind: str) -> tuple[Any, ...] | None:
-    if kind == "response.output_text.done":
-        return ("text", payload.get("item_id"), payload.get("content_index"))
-    if kind == "response.function_call_arguments.done":
+    if kind == f"response.function_call_arguments.{phase}":
         return ("args", payload.get("item_id"))
     return None

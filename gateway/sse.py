@@ -6,10 +6,8 @@ the `[DONE]` sentinel, and must not do I/O.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 DONE = "[DONE]"
 
@@ -28,9 +26,6 @@ class SseEvent:
     @property
     def is_done(self) -> bool:
         return self.data == DONE
-
-    def json(self) -> Any:
-        return json.loads(self.data)
 
     def encode(self) -> bytes:
         if self.raw is not None:

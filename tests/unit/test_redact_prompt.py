@@ -192,7 +192,7 @@ async def _stream_text(exchange: Exchange, payloads: list[Any]) -> str:
     async for event in stage.on_stream(exchange, _events(payloads)):
         if event.is_done:
             continue
-        for choice in event.json()["choices"]:
+        for choice in json.loads(event.data)["choices"]:
             text += choice["delta"].get("content") or ""
     return text
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.event_json import json_event
+from gateway.event_json import json_event, payload_of
 from gateway.sse import SseEvent, SseParser
 
 STREAM = (
@@ -48,7 +48,7 @@ def test_encode_round_trips():
     wire = b"".join(e.encode() for e in events)
     assert parse([wire]) == events
     assert events[2].is_done and not events[0].is_done
-    assert events[1].json() == {"k": "v"}
+    assert payload_of(events[1]) == {"k": "v"}
 
 
 def test_plain_events_keep_their_wire_bytes_for_pass_through():

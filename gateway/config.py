@@ -63,6 +63,14 @@ class ServerSettings(Section):
     metrics_multiprocess_dir: Path | None = Field(
         None, description="Set by the `serve --workers` master: per-worker metric files to sum."
     )
+    gc_threshold: int = Field(
+        10_000, ge=0, le=10_000_000,
+        description="Allocations between the cyclic garbage collector's young-generation runs; "
+        "0 keeps the interpreter's default (700).",
+    )  # fmt: skip
+    gc_freeze: bool = Field(
+        True, description="After startup, keep what startup built out of every garbage collection."
+    )
 
 
 class Timeouts(Section):

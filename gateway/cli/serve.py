@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -18,7 +19,7 @@ from aiohttp import web
 from gateway import __version__
 from gateway.app import create_app
 from gateway.cli.workers import run_master
-from gateway.config import ConfigError, DemoSettings, Settings, load_settings
+from gateway.config import ConfigError, DemoSettings, ServerSettings, Settings, load_settings
 from gateway.demo import DemoControl, start_demo
 from gateway.log import configure_logging, get_logger
 from gateway.routes import DRAINING
@@ -119,11 +120,33 @@ async def serve(settings: Settings, *, parent_pid: int | None = None) -> None:
     )  # fmt: skip
     await runner.setup()
     site = web.TCPSite(runner, server.host, server.port, reuse_port=server.workers > 1)
+    frozen = tune_gc(server)  # before the port opens: no request waits on the collection
     await site.start()
     log.info("gateway_started", host=server.host, port=server.port, version=__version__,
-             pid=os.getpid())  # fmt: skip
+             pid=os.getpid(), gc_threshold=gc.get_threshold()[0],
+             gc_frozen_objects=frozen)  # fmt: skip
     await _wait_for_stop(parent_pid)
     await _drain(app, runner, settings)
+
+
+def tune_gc(server: ServerSettings) -> int:
+    """Applies `server.gc_freeze` and `server.gc_threshold`; returns how many objects are frozen.
+
+    Reference counting frees a finished request's objects at once, so what the cyclic
+    collector mostly finds is requests still in flight: it scans them, promotes them, and
+    every few runs rescans all of the modules, config and policies in a full collection. At
+    the interpreter's threshold of 700 that was 8-13% of the gateway's CPU at 32-64 requests
+    in flight. With a larger threshold in-flight work finishes between runs, and what startup
+    built, frozen, is never scanned again. What is frozen and later dropped in a reference
+    cycle (the first policy set, after a reload) is kept: once, not per reload.
+    """
+    if server.gc_freeze:
+        gc.collect()
+        gc.freeze()
+    if server.gc_threshold:
+        _, middle, oldest = gc.get_threshold()
+        gc.set_threshold(server.gc_threshold, middle, oldest)
+    return gc.get_freeze_count()
 
 
 async def _wait_for_stop(parent_pid: int | None) -> None:

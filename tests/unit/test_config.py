@@ -47,6 +47,8 @@ def test_missing_variable_is_named(tmp_path):
         ("server: {prot: 1}", "server.prot"),
         ("server: {port: 99999}", "server.port"),
         ("server: {workers: 0}", "server.workers"),
+        ("server: {gc_threshold: -1}", "server.gc_threshold"),
+        ("server: {gc_freeze: maybe}", "server.gc_freeze"),
         ("auth: {mode: off}", "auth.mode"),
     ],
 )

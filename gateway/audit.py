@@ -228,7 +228,7 @@ class AuditWriter:
         self._previous = GENESIS
         self._unflushed = 0
         self._flushing: asyncio.Handle | None = None
-        self._counters: dict[str, Callable[[], None]] = {}
+        self._counters: dict[str, Callable[[float], None]] = {}
 
     def write(self, event: Mapping[str, Any], *, scrubbed: bool = False) -> None:
         """Chains and writes `event`, scrubbed first unless the caller built it scrubbed
@@ -256,8 +256,8 @@ class AuditWriter:
     def _count(self, dataset: str) -> None:
         count = self._counters.get(dataset)
         if count is None:  # the labelled counter, looked up once per dataset
-            count = self._counters[dataset] = metrics.AUDIT_EVENTS.labels(dataset).inc
-        count()
+            count = self._counters[dataset] = metrics.incrementer(metrics.AUDIT_EVENTS, dataset)
+        count(1)
 
     def _schedule_flush(self) -> None:
         if self._flushing is not None:

@@ -306,7 +306,7 @@ class Limiter:
         decision = await self._reserve(ask)
         backend = decision.reservation.backend if decision.reservation else "any"
         elapsed = time.perf_counter() - started
-        metrics.child(metrics.RATELIMIT_SECONDS, backend, "reserve").observe(elapsed)
+        metrics.observer(metrics.RATELIMIT_SECONDS, backend, "reserve")(elapsed)
         _count_decision(decision)
         return decision
 
@@ -338,7 +338,7 @@ class Limiter:
             self.breaker.failed()  # leases expire; tokens of this request stay as reserved
             return
         self.breaker.succeeded()
-        _SETTLE_SECONDS.observe(time.perf_counter() - started)
+        _SETTLE_SECONDS(time.perf_counter() - started)
 
     async def check_ready(self) -> str | None:
         """For /readyz: a reason when Redis is down and the limiter fails closed."""
@@ -374,12 +374,12 @@ def _count_decision(decision: Decision) -> None:
     """One count per request: allowed (limit `all`), or the one limit that refused it."""
     blocked = decision.blocked
     if blocked is None:
-        _ALLOWED.inc()
+        _ALLOWED(1)
         return
     outcome = "quota" if blocked.kind == "b" else "limited"
     metrics.RATELIMIT_DECISIONS.labels(blocked.name, blocked.dimension, outcome).inc()
 
 
-_ALLOWED = metrics.RATELIMIT_DECISIONS.labels("all", "all", "allowed")
-_SETTLE_SECONDS = metrics.RATELIMIT_SECONDS.labels("redis", "settle")
+_ALLOWED = metrics.incrementer(metrics.RATELIMIT_DECISIONS, "all", "all", "allowed")
+_SETTLE_SECONDS = metrics.observer(metrics.RATELIMIT_SECONDS, "redis", "settle")
 _FIXED_LIMITS_KEPT = 65_536  # (dimension, ident) pairs whose limits are kept built

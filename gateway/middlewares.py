@@ -32,6 +32,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 AUDIT_REFUSED: web.AppKey[Callable[[Exchange], None]] = web.AppKey("audit_refused")
 """Records the audit event of a request refused before the pipeline (bad JSON, 404, 413...)."""
 log = get_logger("gateway.http")
+_ENTERED = metrics.incrementer(metrics.IN_FLIGHT)
 
 
 @web.middleware
@@ -51,7 +52,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
 @web.middleware
 async def record_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Counts requests by route, model and status, and tracks in-flight and overhead."""
-    metrics.IN_FLIGHT.inc()
+    _ENTERED(1)
     status = 500
     try:
         response = await handler(request)
@@ -61,7 +62,7 @@ async def record_metrics(request: web.Request, handler: Handler) -> web.StreamRe
         status = exc.status
         raise
     finally:
-        metrics.IN_FLIGHT.dec()
+        _ENTERED(-1)
         _observe(request, status)
 
 
@@ -69,7 +70,7 @@ def _observe(request: web.Request, status: int) -> None:
     exchange = request.get(EXCHANGE)
     if exchange is None:
         route = "ops" if request.match_info.route.resource is not None else "unmatched"
-        metrics.child(metrics.REQUESTS, route, "", str(status)).inc()
+        metrics.incrementer(metrics.REQUESTS, route, "", str(status))(1)
         return
     exchange.timings.finished = time.perf_counter()
     catalog: Catalog = request.app[CATALOG]
@@ -77,10 +78,10 @@ def _observe(request: web.Request, status: int) -> None:
     if exchange.model is None:
         model = ""
     status_label = str(exchange.status or status)
-    metrics.child(metrics.REQUESTS, exchange.endpoint, model, status_label).inc()
+    metrics.incrementer(metrics.REQUESTS, exchange.endpoint, model, status_label)(1)
     if exchange.status < 400:
         overhead = exchange.timings.overhead()
-        metrics.child(metrics.OVERHEAD_SECONDS, exchange.endpoint).observe(overhead)
+        metrics.observer(metrics.OVERHEAD_SECONDS, exchange.endpoint)(overhead)
 
 
 @web.middleware

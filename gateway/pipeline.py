@@ -56,7 +56,7 @@ class Pipeline:
         self.stages = tuple(stages)
         self._forward = forward
         self._timers = {
-            (stage, hook): metrics.STAGE_SECONDS.labels(stage.name, hook)
+            (stage, hook): metrics.observer(metrics.STAGE_SECONDS, stage.name, hook)
             for stage in self.stages
             for hook in ("request", "response", "complete")
         }
@@ -116,7 +116,7 @@ class Pipeline:
         try:
             return await call
         finally:
-            self._timers[stage, hook].observe(time.perf_counter() - started)
+            self._timers[stage, hook](time.perf_counter() - started)
 
 
 def _overriding(stages: Sequence[Stage], hook: str) -> frozenset[Stage]:

@@ -97,7 +97,7 @@ class StreamFilter:
     def _observe_delay(self) -> None:
         if self._first_in and self._first_in > 0:
             delay = time.perf_counter() - self._first_in
-            metrics.POLICY_STREAM_DELAY_SECONDS.labels(self._exchange.endpoint).observe(delay)
+            metrics.observer(metrics.POLICY_STREAM_DELAY_SECONDS, self._exchange.endpoint)(delay)
             self._first_in = -1.0
 
     # -- chat.completions and completions ------------------------------------------------------

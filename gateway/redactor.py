@@ -74,8 +74,8 @@ class Redactor:
         self._pending = 0
         self._local: Any = None  # this process's own analyzer, for short pattern-only work
         self._cache: OrderedDict[bytes, _Cached] = OrderedDict()
-        self._hits = metrics.child(metrics.REDACTION_CACHE, "hit")
-        self._misses = metrics.child(metrics.REDACTION_CACHE, "miss")
+        self._hits = metrics.incrementer(metrics.REDACTION_CACHE, "hit")
+        self._misses = metrics.incrementer(metrics.REDACTION_CACHE, "miss")
         key = settings.hash_key.get_secret_value().encode() if settings.hash_key else b""
         self._hash_key = key or secrets.token_bytes(32)
         self._cache_key = secrets.token_bytes(32)
@@ -135,9 +135,9 @@ class Redactor:
         cached = [self._cache.get(key) for key in keys]
         misses = cached.count(None)
         if misses:
-            self._misses.inc(misses)
+            self._misses(misses)
         if misses < len(texts):
-            self._hits.inc(len(texts) - misses)
+            self._hits(len(texts) - misses)
         fresh = await self._analyzed(texts, keys, cached, entities) if misses else {}
         return [
             self._applied(key, fresh[text] if entry is None else entry, text, rules)

@@ -224,7 +224,7 @@ async def _write_stream(
             await response.write(event.encode())
             if not exchange.timings.first_written:
                 exchange.timings.first_written = time.perf_counter()
-                metrics.child(metrics.FIRST_CHUNK_SECONDS, exchange.endpoint).observe(
+                metrics.observer(metrics.FIRST_CHUNK_SECONDS, exchange.endpoint)(
                     exchange.timings.first_written - exchange.timings.started
                 )
     except GatewayError as error:

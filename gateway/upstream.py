@@ -168,7 +168,7 @@ class UpstreamClient:
         except aiohttp.ClientError as exc:
             raise _count(target, "connect", UpstreamError(_connect_message(target))) from exc
         exchange.timings.upstream_headers = time.perf_counter()
-        metrics.child(metrics.UPSTREAM_SECONDS, target.name).observe(
+        metrics.observer(metrics.UPSTREAM_SECONDS, target.name)(
             exchange.timings.upstream_headers - exchange.timings.upstream_sent
         )
         returned = _returned_headers(response.headers)

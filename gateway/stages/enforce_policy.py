@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, ClassVar, Protocol
@@ -318,19 +318,19 @@ def _blocked_error(finding: Finding, what: str, detail: str | None = None) -> Co
 
 
 def _scan_took(direction: str, started: float) -> None:
-    metrics.child(metrics.POLICY_SCAN_SECONDS, direction).observe(time.perf_counter() - started)
+    metrics.observer(metrics.POLICY_SCAN_SECONDS, direction)(time.perf_counter() - started)
 
 
 @dataclass(frozen=True, slots=True)
 class _Note:
     """What recording one decision takes: its counter, and a logger bound to its fields."""
 
-    counter: Any
+    counter: Callable[[float], None]
     logger: Any
 
     @classmethod
     def of(cls, decision: PolicyDecision) -> _Note:
-        counter = metrics.child(
+        counter = metrics.incrementer(
             metrics.POLICY_DECISIONS, decision.direction, decision.action, decision.severity,
             decision.mode,
         )  # fmt: skip
@@ -343,7 +343,7 @@ class _Note:
         return cls(counter, logger)
 
     def record(self, detail: str) -> None:
-        self.counter.inc()
+        self.counter(1)
         self.logger.info("policy_decision", detail=detail or None)
 
 

@@ -134,7 +134,7 @@ class Replacer:
     def _substitute(self, entity: str, value: str, where: str) -> str:
         rule = self._rules.rule_for(entity)
         action = rule.action
-        metrics.child(metrics.REDACTION_ENTITIES, entity, action).inc()
+        metrics.incrementer(metrics.REDACTION_ENTITIES, entity, action)(1)
         if action == "block":
             raise ContentPolicyError(
                 f"The request contains a value of type {entity} in {where}, which this gateway "

@@ -277,31 +277,80 @@ async def _read_events(
     parser = SseParser()
     content = response.content
     timeouts = target.settings.timeouts
-    idle = timeouts.idle if own_idle_timer(timeouts) else None  # else aiohttp's socket timeout
+    # Else aiohttp's socket timeout is exactly `idle`.
+    watch = IdleWatch(content, timeouts.idle) if own_idle_timer(timeouts) else None
     timings = exchange.timings
-    while True:
-        try:
-            chunk = content.read_nowait()  # what already arrived needs no timer
-            if not chunk and not content.at_eof():
-                if idle is None:  # aiohttp's socket timeout applies; a timeout context per
-                    chunk = await content.readany()  # wait would cost more than the event
-                else:
-                    async with asyncio.timeout(idle):
+    try:
+        while True:
+            try:
+                chunk = content.read_nowait()  # what already arrived needs no wait
+                if not chunk and not content.at_eof():
+                    if watch is None:
                         chunk = await content.readany()
-        except TimeoutError as exc:
-            raise _count(target, "timeout", UpstreamTimeoutError(_idle_message(target))) from exc
-        except aiohttp.ClientError as exc:
-            raise _count(target, "stream", UpstreamError(_broken_message(target))) from exc
-        if not timings.first_chunk:
-            timings.first_chunk = time.perf_counter()
-        if not chunk:
-            break
-        for event in parser.feed(chunk):
-            yield event
+                    else:
+                        watch.waiting()
+                        chunk = await content.readany()
+                        watch.since = 0.0
+            except TimeoutError as exc:
+                raise _count(
+                    target, "timeout", UpstreamTimeoutError(_idle_message(target))
+                ) from exc
+            except aiohttp.ClientError as exc:
+                raise _count(target, "stream", UpstreamError(_broken_message(target))) from exc
+            if not timings.first_chunk:
+                timings.first_chunk = time.perf_counter()
+            if not chunk:
+                break
+            for event in parser.feed(chunk):
+                yield event
+    finally:
+        if watch is not None:
+            watch.close()
     timings.upstream_done = time.perf_counter()
     for event in parser.flush():
         yield event
     response.release()
+
+
+class IdleWatch:
+    """A stream's `idle` limit at one timer per idle period instead of one per chunk.
+
+    A wait for the next chunk only notes when it began (`waiting`); the timer, due `idle`
+    after a wait began, checks whether the wait now in progress has lasted `idle`. If it has,
+    the reader gets `TimeoutError`, as aiohttp's own read timeout does; if not, the timer
+    re-arms for when it would. Time spent writing to a slow client is not waiting. A timeout
+    context per wait cost ~35k instructions per event.
+    """
+
+    __slots__ = ("_content", "_idle", "_loop", "_timer", "since")
+
+    def __init__(self, content: aiohttp.StreamReader, idle: float) -> None:
+        self._content = content
+        self._idle = idle
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self.since = 0.0
+        """When the wait in progress began; 0 when not waiting."""
+
+    def waiting(self) -> None:
+        self.since = now = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(now + self._idle, self._check)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        if not self.since:
+            return  # not waiting now: the next wait arms the timer again
+        due = self.since + self._idle
+        if self._loop.time() >= due:
+            self._content.set_exception(TimeoutError("no stream chunk within the idle limit"))
+        else:
+            self._timer = self._loop.call_at(due, self._check)
 
 
 def _status_error(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import aiohttp
 import openai
@@ -378,3 +379,31 @@ async def test_oversized_header_never_reaches_a_log_line(gateway, log_buffer):
     logged = log_buffer.getvalue()
     assert "library_log_record" in logged  # aiohttp's own error became one JSON event
     assert "QQQQ" not in logged and "Traceback" not in logged
+
+
+async def test_idle_limit_bounds_each_gap_not_the_whole_stream(provider, start_gateway):
+    """Twelve chunks 100 ms apart take longer than `idle` (300 ms) in all, but no gap does:
+    the stream arrives whole. Then a gap of 1 s ends the next stream with upstream_timeout."""
+    config = base_config(provider)
+    config["providers"]["fake"]["timeouts"] = {"first_byte": 5, "idle": 0.3}
+    gw = await start_gateway(config)
+    settings = provider.control.settings
+    provider.control.settings = settings.model_copy(update={"chunk_delay_ms": 100})
+    provider.reply("abcdefghijkl", chunks=list("abcdefghijkl"))
+    started = time.monotonic()
+    stream = await gw.client().chat.completions.create(
+        model="gpt-4o-mini", messages=HELLO, stream=True
+    )
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == "abcdefghijkl"
+    assert time.monotonic() - started > 1.0  # longer than idle, in gaps shorter than it
+
+    provider.control.settings = settings.model_copy(update={"chunk_delay_ms": 1000})
+    provider.reply("abc", chunks=list("abc"))
+    stream = await gw.client().chat.completions.create(
+        model="gpt-4o-mini", messages=HELLO, stream=True
+    )
+    with pytest.raises(openai.APIError) as caught:
+        async for _ in stream:
+            pass
+    assert caught.value.code == "upstream_timeout"

@@ -48,6 +48,11 @@ class SseParser:
         self._event: str | None = None
 
     def feed(self, chunk: bytes) -> Iterator[SseEvent]:
+        if not self._buffer and not self._data and self._event is None:
+            simple = _simple_event(chunk)
+            if simple is not None:  # the usual chunk: exactly one whole `data:` event
+                yield simple
+                return
         self._buffer += chunk
         while True:
             event = self._take_simple_event()
@@ -112,6 +117,22 @@ class SseParser:
         self._data = []
         self._event = None
         return event
+
+
+def _simple_event(chunk: bytes) -> SseEvent | None:
+    """The chunk as one event when it is exactly one `data: ...` line and a blank line."""
+    end = len(chunk) - 2
+    if (
+        not chunk.startswith(b"data: ")
+        or chunk.find(b"\n") != end
+        or not chunk.endswith(b"\n\n")
+        or b"\r" in chunk
+    ):
+        return None
+    try:
+        return SseEvent(chunk[6:end].decode(), None, chunk)
+    except UnicodeDecodeError:
+        return None
 
 
 def _line_end(buffer: bytes) -> tuple[int, int] | None:

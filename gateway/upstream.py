@@ -283,14 +283,12 @@ async def _read_events(
     try:
         while True:
             try:
-                chunk = content.read_nowait()  # what already arrived needs no wait
-                if not chunk and not content.at_eof():
-                    if watch is None:
-                        chunk = await content.readany()
-                    else:
-                        watch.waiting()
-                        chunk = await content.readany()
-                        watch.since = 0.0
+                if watch is None:
+                    chunk = await content.readany()
+                else:
+                    watch.waiting()
+                    chunk = await content.readany()
+                    watch.since = 0.0
             except TimeoutError as exc:
                 raise _count(
                     target, "timeout", UpstreamTimeoutError(_idle_message(target))

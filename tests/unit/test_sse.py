@@ -65,3 +65,21 @@ def test_changed_events_are_encoded_again():
     (event,) = parse([b"data: old\n\n"])
     changed = SseEvent("new", event.event)
     assert changed.raw is None and changed.encode() == b"data: new\n\n"
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [b"data: x\n\n", b"data: \n\n", b"data: a\r\n\r\n", b"data: a\rb\n\n", b"data: a\nb\n\n",
+     b"data: a\n\ndata: b\n\n", b"data:a\n\n", b"data: caf\xc3\n\n", b"event: e\ndata: a\n\n",
+     b"data: a\n", b": comment\n\n"],
+)  # fmt: skip
+def test_a_whole_event_per_chunk_parses_as_byte_by_byte(chunk):
+    """A chunk holding exactly one `data:` event takes a shortcut; any other chunk must not,
+    and either way the events (and their pass-through bytes) are what one byte at a time
+    gives, also after an event left open by the previous chunk."""
+    whole = parse([chunk])
+    bytewise = parse([chunk[i : i + 1] for i in range(len(chunk))])
+    assert whole == bytewise
+    assert [e.encode() for e in whole] == [e.encode() for e in bytewise]
+    opened = b"data: open\n"
+    assert parse([opened, chunk]) == parse([opened + chunk])

@@ -24,7 +24,7 @@ from gateway.exchange import Exchange, JsonReply, Reply
 from gateway.keystore import KeyStore, open_key_store
 from gateway.limiter import Limiter
 from gateway.log import get_logger
-from gateway.middlewares import AUDIT_REFUSED, record_metrics, render_errors, request_context
+from gateway.middlewares import AUDIT_REFUSED, http_edge
 from gateway.pipeline import Pipeline, Stage
 from gateway.policies import PolicySet
 from gateway.policy_store import PolicyStore
@@ -79,7 +79,7 @@ def build_stages(
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
-        middlewares=[request_context, record_metrics, render_errors],
+        middlewares=[http_edge],
         client_max_size=settings.server.max_body_bytes,
     )
     app[SETTINGS] = settings

@@ -36,34 +36,42 @@ _ENTERED = metrics.incrementer(metrics.IN_FLIGHT)
 
 
 @web.middleware
-async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Assigns the request id, binds it to every log line, and returns it as a header."""
+async def http_edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request's edge: assigns the request id (bound to every log line, returned as a
+    header), counts the request by route, model and status, tracks in-flight and overhead,
+    and is the one place errors become responses: the client never sees a traceback.
+
+    One middleware, not three: a streaming response resumes every coroutine between the
+    task and the stream's reader for each event it writes, so each layer is paid per event.
+    """
     request_id = request_id_of(request)
     request[REQUEST_ID] = request_id
     # aiohttp runs every request in a task of its own, started with a copy of the
     # connection's context, so nothing bound here outlives the request: no clearing needed.
     structlog.contextvars.bind_contextvars(request_id=request_id)
-    response = await handler(request)
-    if not response.prepared:
-        response.headers["x-request-id"] = request_id
-    return response
-
-
-@web.middleware
-async def record_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Counts requests by route, model and status, and tracks in-flight and overhead."""
     _ENTERED(1)
-    status = 500
+    status = 500  # what a request that never gets a response (cancelled) is counted as
     try:
-        response = await handler(request)
+        try:
+            response = await handler(request)
+        except GatewayError as error:
+            response = _rejected(request, error)
+        except web.HTTPException as exc:
+            response = _rejected(request, _translate_http(exc))
+        except Exception:
+            log.exception("unhandled_error", path=request.path)
+            failure = InternalError(
+                f"The gateway failed to handle this request (request id {request_id})."
+            )
+            _audit_refused(request, failure)
+            response = _error_response(failure)
         status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
     finally:
         _ENTERED(-1)
         _observe(request, status)
+    if not response.prepared:
+        response.headers["x-request-id"] = request_id
+    return response
 
 
 def _observe(request: web.Request, status: int) -> None:
@@ -82,25 +90,6 @@ def _observe(request: web.Request, status: int) -> None:
     if exchange.status < 400:
         overhead = exchange.timings.overhead()
         metrics.observer(metrics.OVERHEAD_SECONDS, exchange.endpoint)(overhead)
-
-
-@web.middleware
-async def render_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The one place errors become responses; the client never sees a traceback."""
-    try:
-        return await handler(request)
-    except GatewayError as error:
-        return _rejected(request, error)
-    except web.HTTPException as exc:
-        return _rejected(request, _translate_http(exc))
-    except Exception:
-        request_id = request.get(REQUEST_ID, "unknown")
-        log.exception("unhandled_error", path=request.path)
-        failure = InternalError(
-            f"The gateway failed to handle this request (request id {request_id})."
-        )
-        _audit_refused(request, failure)
-        return _error_response(failure)
 
 
 def _rejected(request: web.Request, error: GatewayError) -> web.Response:

@@ -65,9 +65,12 @@ class Pipeline:
         self._stream_stages = _overriding(self.stages, "on_stream")
         self._complete_stages = _overriding(self.stages, "on_complete")
 
-    async def run(self, exchange: Exchange, respond: Callable[[Reply], Awaitable[None]]) -> None:
+    async def run(
+        self, exchange: Exchange, respond: Callable[[Reply], Awaitable[None] | None]
+    ) -> None:
         """Passes the request through every stage, calls the provider, and hands the
-        (wrapped) reply to `respond`, which writes it to the client."""
+        (wrapped) reply to `respond`, which writes it to the client (or returns what writes
+        it: one coroutine fewer to resume per stream event than an `async def` wrapper)."""
         ran: list[Stage] = []
         try:
             for stage in self.stages:
@@ -76,7 +79,9 @@ class Pipeline:
                     await self._timed(stage, "request", stage.on_request(exchange))
             reply = await self._forward(exchange)
             exchange.status = reply.status
-            await respond(await self._wrap(exchange, reply, ran))
+            writing = respond(await self._wrap(exchange, reply, ran))
+            if writing is not None:
+                await writing
         except GatewayError as error:
             exchange.status = status_of(error)
             exchange.error_code = error.error_code

@@ -190,11 +190,11 @@ def _validate(endpoint: str, body: dict[str, Any]) -> None:
 async def _run(request: web.Request, exchange: Exchange) -> web.StreamResponse:
     written: list[web.StreamResponse] = []
 
-    async def respond(reply: Reply) -> None:
+    def respond(reply: Reply) -> Awaitable[None] | None:
         if isinstance(reply, StreamReply):
-            written.append(await _write_stream(request, exchange, reply))
-        else:
-            written.append(_json_response(exchange, reply))
+            return _write_stream(request, exchange, reply, written)
+        written.append(_json_response(exchange, reply))
+        return None
 
     await request.app[PIPELINE].run(exchange, respond)
     return written[0]
@@ -212,13 +212,14 @@ def _json_response(exchange: Exchange, reply: JsonReply) -> web.Response:
 
 
 async def _write_stream(
-    request: web.Request, exchange: Exchange, reply: StreamReply
-) -> web.StreamResponse:
+    request: web.Request, exchange: Exchange, reply: StreamReply, written: list[web.StreamResponse]
+) -> None:
     headers = _reply_headers(exchange, reply.headers)
     headers.update({"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                     "X-Accel-Buffering": "no"})  # fmt: skip
     response = web.StreamResponse(status=reply.status, headers=headers)
     await response.prepare(request)
+    written.append(response)
     try:
         async for event in reply.events:
             await response.write(event.encode())
@@ -232,7 +233,6 @@ async def _write_stream(
     finally:
         await reply.close()
     await response.write_eof()
-    return response
 
 
 async def _write_stream_error(

@@ -145,12 +145,17 @@ class JsonReply:
 
 @dataclass(slots=True)
 class StreamReply:
-    """An SSE answer: `events` yields as the provider sends; `close` releases the connection."""
+    """An SSE answer: `events` yields as the provider sends; `close` releases the connection.
+
+    `whole_events`, when set, is the same stream as the provider's bytes cut only after
+    complete events, for when no stage reads the events: the writer then passes each
+    received piece on as it is. The pipeline clears it when a stage wraps `events`."""
 
     status: int
     headers: dict[str, str]
     events: AsyncIterator[SseEvent]
     close: Callable[[], Awaitable[None]]
+    whole_events: AsyncIterator[bytes] | None = None
 
 
 Reply = JsonReply | StreamReply

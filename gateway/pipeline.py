@@ -103,7 +103,9 @@ class Pipeline:
             for stage in reversed(ran):
                 if stage in self._stream_stages:
                     events = stage.on_stream(exchange, events)
-            reply.events = events
+            if events is not reply.events:
+                reply.events = events
+                reply.whole_events = None  # a stage reads the events: they must pass it
             return reply
         wanted = [s for s in reversed(ran) if s in self._response_stages]
         if not wanted:

@@ -220,19 +220,31 @@ async def _write_stream(
     response = web.StreamResponse(status=reply.status, headers=headers)
     await response.prepare(request)
     written.append(response)
+    timings = exchange.timings
     try:
-        async for event in reply.events:
-            await response.write(event.encode())
-            if not exchange.timings.first_written:
-                exchange.timings.first_written = time.perf_counter()
-                metrics.observer(metrics.FIRST_CHUNK_SECONDS, exchange.endpoint)(
-                    exchange.timings.first_written - exchange.timings.started
-                )
+        if reply.whole_events is not None:  # no stage reads the events: pass the bytes on
+            async for piece in reply.whole_events:
+                await response.write(piece)
+                if not timings.first_written:
+                    _first_written(exchange)
+        else:
+            async for event in reply.events:
+                await response.write(event.encode())
+                if not timings.first_written:
+                    _first_written(exchange)
     except GatewayError as error:
         await _write_stream_error(response, exchange, error)
     finally:
         await reply.close()
     await response.write_eof()
+
+
+def _first_written(exchange: Exchange) -> None:
+    timings = exchange.timings
+    timings.first_written = time.perf_counter()
+    metrics.observer(metrics.FIRST_CHUNK_SECONDS, exchange.endpoint)(
+        timings.first_written - timings.started
+    )
 
 
 async def _write_stream_error(

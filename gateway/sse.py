@@ -119,6 +119,43 @@ class SseParser:
         return event
 
 
+class WholeEvents:
+    """Cuts a byte stream after complete events only, leaving the bytes as they are.
+
+    For passing a stream on untouched: each piece ends with an event's blank line (`\\n\\n`,
+    `\\r\\n\\r\\n` or `\\r\\r`), so a reader of the pieces so far is never inside an event,
+    and an error event can follow any piece. At the end, a last event without its blank
+    line gets one, as `SseParser.flush` counts it.
+    """
+
+    __slots__ = ("_rest",)
+
+    def __init__(self) -> None:
+        self._rest = b""
+
+    def feed(self, chunk: bytes) -> tuple[bytes, ...]:
+        data = self._rest + chunk if self._rest else chunk
+        if data.endswith(b"\n\n"):  # the usual chunk: whole events
+            self._rest = b""
+            return (data,)
+        cut = max(_end_of(data, b"\n\n"), _end_of(data, b"\r\n\r\n"), _end_of(data, b"\r\r"))
+        if not cut:
+            self._rest = data
+            return ()
+        self._rest = data[cut:]
+        return (data[:cut],)
+
+    def flush(self) -> tuple[bytes, ...]:
+        rest, self._rest = self._rest, b""
+        return (rest + b"\n\n",) if rest.strip() else ()
+
+
+def _end_of(data: bytes, blank: bytes) -> int:
+    """Where the last `blank` in `data` ends, or 0."""
+    found = data.rfind(blank)
+    return found + len(blank) if found != -1 else 0
+
+
 def _simple_event(chunk: bytes) -> SseEvent | None:
     """The chunk as one event when it is exactly one `data: ...` line and a blank line."""
     end = len(chunk) - 2

@@ -11,9 +11,9 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import orjson
@@ -28,7 +28,7 @@ from gateway.errors import (
     UpstreamTimeoutError,
 )
 from gateway.exchange import Exchange, JsonReply, Reply, StreamReply
-from gateway.sse import SseEvent, SseParser
+from gateway.sse import SseParser, WholeEvents
 
 PATHS = {
     "chat.completions": "/chat/completions",
@@ -42,6 +42,8 @@ RETURNED_RESPONSE_HEADERS = {
     "openai-version": "openai-version",
     "x-request-id": "x-upstream-request-id",
 }
+_T = TypeVar("_T")
+_T_co = TypeVar("_T_co", covariant=True)
 _RETRY_JITTER = random.Random()  # noqa: S311 - jitter is not a security decision
 
 
@@ -265,16 +267,22 @@ def _stream_reply(
     async def close() -> None:
         response.close()
 
-    events = _read_events(response, target, exchange)
-    return StreamReply(response.status, headers, events, close)
+    # Two readers of the one response, neither started: the writer iterates one of them.
+    events = _read(response, target, exchange, SseParser())
+    pieces = _read(response, target, exchange, WholeEvents())
+    return StreamReply(response.status, headers, events, close, pieces)
 
 
-async def _read_events(
-    response: aiohttp.ClientResponse, target: Target, exchange: Exchange
-) -> AsyncIterator[SseEvent]:
-    """Yields events as they arrive; an idle gap or the total deadline (aiohttp's) ends it
-    with 504."""
-    parser = SseParser()
+class Framing(Protocol[_T_co]):
+    def feed(self, chunk: bytes) -> Iterable[_T_co]: ...
+    def flush(self) -> Iterable[_T_co]: ...
+
+
+async def _read(
+    response: aiohttp.ClientResponse, target: Target, exchange: Exchange, parser: Framing[_T]
+) -> AsyncIterator[_T]:
+    """Yields what `parser` makes of the chunks as they arrive (events, or whole-event
+    pieces); an idle gap or the total deadline (aiohttp's) ends it with 504."""
     content = response.content
     timeouts = target.settings.timeouts
     # Else aiohttp's socket timeout is exactly `idle`.

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from gateway.event_json import json_event, payload_of
-from gateway.sse import SseEvent, SseParser
+from gateway.sse import SseEvent, SseParser, WholeEvents
 
 STREAM = (
     b'event: response.created\ndata: {"a": 1}\n\n'
@@ -83,3 +85,31 @@ def test_a_whole_event_per_chunk_parses_as_byte_by_byte(chunk):
     assert [e.encode() for e in whole] == [e.encode() for e in bytewise]
     opened = b"data: open\n"
     assert parse([opened, chunk]) == parse([opened + chunk])
+
+
+def whole_pieces(chunks: list[bytes]) -> list[bytes]:
+    framing = WholeEvents()
+    return [piece for chunk in chunks for piece in framing.feed(chunk)] + list(framing.flush())
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_whole_event_pieces_are_the_bytes_cut_only_between_events(seed):
+    """Any chunking of a stream (LF, CRLF and CR line ends, comments, named and multi-line
+    events) comes out as the same bytes, every piece ending an event: parsing the pieces
+    one by one gives the events of the whole stream."""
+    generator = random.Random(seed)
+    cuts = sorted(generator.sample(range(1, len(STREAM)), generator.randint(0, 12)))
+    chunks = [STREAM[a:b] for a, b in zip([0, *cuts], [*cuts, len(STREAM)], strict=True)]
+    pieces = whole_pieces(chunks)
+    assert b"".join(pieces) == STREAM
+    assert all(piece.endswith((b"\n\n", b"\r\n\r\n", b"\r\r")) for piece in pieces)
+    assert [event for piece in pieces for event in parse([piece])] == EXPECTED
+
+
+def test_whole_event_pieces_hold_a_partial_event_and_end_a_last_one():
+    assert whole_pieces([b"data: a\n\ndata: b"]) == [b"data: a\n\n", b"data: b\n\n"]
+    assert whole_pieces([b"data: a\n", b"\ndata: b\r", b"\r"]) == [b"data: a\n\n", b"data: b\r\r"]
+    assert whole_pieces([b"data: a\n\n", b"\n"]) == [b"data: a\n\n"]  # no event is left
+    framing = WholeEvents()
+    assert framing.feed(b'data: {"half') == ()
+    assert framing.feed(b'": 1}\n\n') == (b'data: {"half": 1}\n\n',)

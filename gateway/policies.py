@@ -343,10 +343,18 @@ class PolicySet:
 
 
 def _canary_opening(text: str, canary: str) -> int:
-    """The first position from which `text` ends with the start of the canary (len if none)."""
-    for position in range(max(0, len(text) - len(canary) + 1), len(text)):
+    """The first position from which `text` ends with the start of the canary (len if none).
+
+    Only a position holding the canary's first character can start it: those are found with
+    `str.find` instead of slicing the text at every position of the last `len(canary)`."""
+    if not canary:
+        return len(text)
+    first = canary[0]
+    position = text.find(first, max(0, len(text) - len(canary) + 1))
+    while position != -1:
         if canary.startswith(text[position:]):
             return position
+        position = text.find(first, position + 1)
     return len(text)
 
 

@@ -32,6 +32,7 @@ from gateway.payload_text import (
 )
 from gateway.pipeline import Stage
 from gateway.policies import (
+    DIRECTIONS,
     EntityFinder,
     EntityHit,
     Finding,
@@ -317,8 +318,11 @@ def _blocked_error(finding: Finding, what: str, detail: str | None = None) -> Co
     )
 
 
-def _scan_took(direction: str, started: float) -> None:
-    metrics.observer(metrics.POLICY_SCAN_SECONDS, direction)(time.perf_counter() - started)
+def _scan_took(direction: TextDirection, started: float) -> None:
+    _SCAN_SECONDS[direction](time.perf_counter() - started)
+
+
+_SCAN_SECONDS = {d: metrics.observer(metrics.POLICY_SCAN_SECONDS, d) for d in DIRECTIONS}
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from gateway.policies import (
     EntityHit,
     PolicyError,
     PolicySet,
+    _canary_opening,
     load_policies,
     parse_policy,
     policy_set_hash,
@@ -508,3 +509,18 @@ async def test_a_whole_text_is_safe_to_its_end_whatever_could_still_start(text, 
     assert scanned.safe_end == len(text)
     streamed = await policies.scan(selection, text, "completion", canary=_CANARY)
     assert streamed.safe_end == text.index(opening)  # a stream holds back what may be starting
+
+
+def test_canary_opening_is_where_a_canary_could_be_starting_at_the_end():
+    """`_canary_opening` against its definition: the first position from which the text
+    ends with a prefix of the canary, over random texts built from the canary's own letters."""
+    generator = random.Random(20261129)
+    for _ in range(3000):
+        canary = "".join(generator.choice("ab-") for _ in range(generator.randint(0, 8)))
+        text = "".join(generator.choice("ab-x") for _ in range(generator.randint(0, 14)))
+        expected = next(
+            (p for p in range(max(0, len(text) - len(canary) + 1), len(text))
+             if canary.startswith(text[p:])),
+            len(text),
+        )  # fmt: skip
+        assert _canary_opening(text, canary) == expected, (text, canary)

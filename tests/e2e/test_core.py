@@ -10,7 +10,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import PROVIDER_KEY, TEST_KEY, base_config, free_port
+from tests.conftest import PROVIDER_KEY, TEST_KEY, RunningGateway, base_config, free_port
 from tests.fakes.upstream import FakeProvider, Fault
 
 HELLO = [{"role": "user", "content": "hello there, general"}]
@@ -352,6 +352,17 @@ async def test_first_byte_limit_holds_whichever_enforces_it(provider, start_gate
     assert caught.value.status_code == 504
 
 
+async def stream_times_out(gw: RunningGateway) -> None:
+    """A stream through `gw` ends with the SDK raising `upstream_timeout`."""
+    stream = await gw.client().chat.completions.create(
+        model="gpt-4o-mini", messages=HELLO, stream=True
+    )
+    with pytest.raises(openai.APIError) as caught:
+        async for _ in stream:
+            pass
+    assert caught.value.code == "upstream_timeout"
+
+
 @pytest.mark.parametrize(
     "timeouts", [{"idle": 0.2}, {"first_byte": 0.1, "idle": 0.2}, {"first_byte": 5, "idle": 0.2}]
 )
@@ -362,13 +373,7 @@ async def test_idle_limit_holds_whichever_enforces_it(provider, start_gateway, t
     provider.control.settings = provider.control.settings.model_copy(
         update={"chunk_delay_ms": 1000}
     )
-    stream = await gw.client().chat.completions.create(
-        model="gpt-4o-mini", messages=HELLO, stream=True
-    )
-    with pytest.raises(openai.APIError) as caught:
-        async for _ in stream:
-            pass
-    assert caught.value.code == "upstream_timeout"
+    await stream_times_out(gw)
 
 
 async def test_oversized_header_never_reaches_a_log_line(gateway, log_buffer):
@@ -400,10 +405,4 @@ async def test_idle_limit_bounds_each_gap_not_the_whole_stream(provider, start_g
 
     provider.control.settings = settings.model_copy(update={"chunk_delay_ms": 1000})
     provider.reply("abc", chunks=list("abc"))
-    stream = await gw.client().chat.completions.create(
-        model="gpt-4o-mini", messages=HELLO, stream=True
-    )
-    with pytest.raises(openai.APIError) as caught:
-        async for _ in stream:
-            pass
-    assert caught.value.code == "upstream_timeout"
+    await stream_times_out(gw)

@@ -15,8 +15,12 @@ left out and listed as such.
 `--per-feature` starts instead the bare gateway plus each feature on its own, then all of them
 (NER off, 1 worker), and adds each one's CPU over the bare gateway: what each feature costs.
 
+`--stream` sends the same requests streamed: the provider answers in 16-character events 1 ms
+apart (as `bench/proxy.py`), every event passes the stages that read streams, and latency is
+the time to the first chunk.
+
 `python bench/full_pipeline.py [--rounds 3] [--duration 5] [--concurrency 32] [--quick]
-[--per-feature]`
+[--per-feature] [--stream]`
 """
 
 from __future__ import annotations
@@ -126,6 +130,9 @@ class Features:
     missing: list[str] = field(default_factory=list)
 
 
+STREAM_PACING = ["--chunk-chars", "16", "--chunk-delay-ms", "1"]
+
+
 def full_config(provider: str, redis_url: str, secret: str, ner: bool, features: Features) -> dict:
     config: dict[str, Any] = {
         "providers": {"demo": {"kind": "openai", "base_url": provider + "/v1",
@@ -231,7 +238,7 @@ def _entities_without_ner() -> dict[str, Any]:
 # --- requests ------------------------------------------------------------------------------
 
 
-def request_body() -> bytes:
+def request_body(stream: bool = False) -> bytes:
     fake = Faker("en_US")
     Faker.seed(20240601)
     prompt = (
@@ -240,8 +247,11 @@ def request_body() -> bytes:
         f"to {fake.city()}. Mention that the parcel left our warehouse yesterday and should "
         "arrive within three working days. Keep it under eighty words."
     )
-    return json.dumps({"model": "gpt-4o-mini", "max_tokens": 64,
-                       "messages": [{"role": "user", "content": prompt}]}).encode()  # fmt: skip
+    body: dict[str, Any] = {"model": "gpt-4o-mini", "max_tokens": 64,
+                            "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
+    if stream:
+        body["stream"] = True
+    return json.dumps(body).encode()
 
 
 def token(secret: str) -> str:
@@ -251,10 +261,11 @@ def token(secret: str) -> str:
 
 
 def run_load(url: str, body: bytes, headers: dict[str, str], *, concurrency: int,
-             watch: list[Any], count: int = 0, duration: float = 0.0) -> RunResult:  # fmt: skip
+             watch: list[Any], count: int = 0, duration: float = 0.0,
+             stream: bool = False) -> RunResult:  # fmt: skip
     """bench/common.py's load generator in its own process, with our Authorization header."""
     return run_python(url, body, concurrency=concurrency, watch=watch, count=count,
-                      duration=duration, headers=headers)  # fmt: skip
+                      duration=duration, headers=headers, stream=stream)  # fmt: skip
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -287,10 +298,11 @@ def start_gateway(name: str, config: dict[str, Any], workers: int, tmp: Path) ->
 
 def measure(target: Target, body: bytes, headers: dict[str, str], args: argparse.Namespace) -> None:
     url = target.server.url + target.path
-    latency = run_load(url, body, headers, concurrency=1, watch=[], count=args.latency_count)
+    latency = run_load(url, body, headers, concurrency=1, watch=[], count=args.latency_count,
+                       stream=args.stream)  # fmt: skip
     before = machine_jiffies()
     load = run_load(url, body, headers, concurrency=args.concurrency, watch=[target.server],
-                    duration=args.duration)  # fmt: skip
+                    duration=args.duration, stream=args.stream)  # fmt: skip
     target.cores_busy.append(cores_busy(before, machine_jiffies()))
     target.p50.append(1000 * percentile(latency.latencies, 50))
     target.p99.append(1000 * percentile(latency.latencies, 99))
@@ -320,8 +332,10 @@ def report(targets: list[Target], features: Features, args: argparse.Namespace) 
     print(f"\nIncluded: {', '.join(features.included)}")
     if features.missing:
         print(f"Not in this checkout (left out): {', '.join(features.missing)}")
-    print(f"{args.rounds} rounds, medians; latency at 1 in flight ({args.latency_count} requests), "
-          f"throughput at {args.concurrency} in flight for {args.duration:g} s\n")  # fmt: skip
+    kind = "streamed (latency: first chunk)" if args.stream else "non-stream"
+    print(f"{args.rounds} rounds, medians; {kind}; latency at 1 in flight "
+          f"({args.latency_count} requests), throughput at {args.concurrency} in flight for "
+          f"{args.duration:g} s\n")  # fmt: skip
     rows = []
     for t in targets:
         added50 = median(t.p50) - median(direct.p50)
@@ -356,6 +370,10 @@ def main() -> None:
         "--per-feature", action="store_true",
         help="each feature alone on the bare gateway, then all of them (NER off)",
     )  # fmt: skip
+    parser.add_argument(
+        "--stream", action="store_true",
+        help="streamed requests: 16-character events 1 ms apart; latency to the first chunk",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.duration, args.latency_count = 1, 2.0, 100
@@ -363,7 +381,7 @@ def main() -> None:
         sys.exit("redis-server is not installed")
     secret = secrets.token_urlsafe(48)
     headers = {"Authorization": f"Bearer {token(secret)}"}
-    body = request_body()
+    body = request_body(stream=args.stream)
     features = Features()
     started: list[Any] = []
     with tempfile.TemporaryDirectory(prefix="bench-full-") as tmp_name:
@@ -377,7 +395,8 @@ def main() -> None:
             )  # fmt: skip
             provider_port = free_port()
             provider = start_server(
-                "provider", [*gateway_command(), "demo-provider", "--port", str(provider_port)],
+                "provider", [*gateway_command(), "demo-provider", "--port", str(provider_port),
+                             *(STREAM_PACING if args.stream else [])],
                 f"http://127.0.0.1:{provider_port}", ready_path="/v1/models", log_dir=tmp,
             )  # fmt: skip
             started.append(provider)

@@ -2,7 +2,8 @@
 
 Owns the aiohttp client session, provider dialects (OpenAI-compatible, Azure), header hygiene,
 timeouts, retries with backoff, fallback providers and the translation of aiohttp errors into
-gateway errors. Must not look at completions beyond status and framing.
+gateway errors; reading a streamed answer is `upstream_stream`'s. Must not look at completions
+beyond status and framing.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import aiohttp
 import orjson
@@ -27,8 +28,8 @@ from gateway.errors import (
     UpstreamStatusError,
     UpstreamTimeoutError,
 )
-from gateway.exchange import Exchange, JsonReply, Reply, StreamReply
-from gateway.sse import SseParser, WholeEvents
+from gateway.exchange import Exchange, JsonReply, Reply
+from gateway.upstream_stream import stream_reply
 
 PATHS = {
     "chat.completions": "/chat/completions",
@@ -42,8 +43,6 @@ RETURNED_RESPONSE_HEADERS = {
     "openai-version": "openai-version",
     "x-request-id": "x-upstream-request-id",
 }
-_T = TypeVar("_T")
-_T_co = TypeVar("_T_co", covariant=True)
 _RETRY_JITTER = random.Random()  # noqa: S311 - jitter is not a security decision
 
 
@@ -71,7 +70,8 @@ def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
     the body or stream), and the longest silence on the socket, max(first_byte, idle).
 
     Whichever of first_byte and idle is the larger is thus enforced by aiohttp for free; only
-    the smaller needs a timer of ours (`own_first_byte_timer`, `own_idle_timer`).
+    the smaller needs a timer of ours (`own_first_byte_timer`, or for streams
+    `upstream_stream.own_idle_timer`).
     `ceil_threshold=inf` keeps deadlines exact (aiohttp would round long ones up a second).
     """
     return aiohttp.ClientTimeout(
@@ -82,10 +82,6 @@ def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
 
 def own_first_byte_timer(timeouts: Timeouts) -> bool:
     return timeouts.first_byte < min(timeouts.idle, timeouts.total)
-
-
-def own_idle_timer(timeouts: Timeouts) -> bool:
-    return timeouts.idle < timeouts.first_byte
 
 
 class UpstreamClient:
@@ -178,7 +174,7 @@ class UpstreamClient:
             body = await _read_all(response, target)
             raise _count(target, "status", _status_error(response, body, returned))
         if exchange.is_stream and response.content_type == "text/event-stream":
-            return _stream_reply(response, returned, target, exchange)
+            return stream_reply(response, returned, target.name, timeouts, exchange.timings)
         raw = await _read_all(response, target)
         exchange.timings.upstream_done = time.perf_counter()
         return JsonReply(response.status, returned, raw)
@@ -258,107 +254,6 @@ async def _read_all(response: aiohttp.ClientResponse, target: Target) -> bytes:
         response.release()
 
 
-def _stream_reply(
-    response: aiohttp.ClientResponse,
-    headers: dict[str, str],
-    target: Target,
-    exchange: Exchange,
-) -> StreamReply:
-    async def close() -> None:
-        response.close()
-
-    # Two readers of the one response, neither started: the writer iterates one of them.
-    events = _read(response, target, exchange, SseParser())
-    pieces = _read(response, target, exchange, WholeEvents())
-    return StreamReply(response.status, headers, events, close, pieces)
-
-
-class Framing(Protocol[_T_co]):
-    def feed(self, chunk: bytes) -> Iterable[_T_co]: ...
-    def flush(self) -> Iterable[_T_co]: ...
-
-
-async def _read(
-    response: aiohttp.ClientResponse, target: Target, exchange: Exchange, parser: Framing[_T]
-) -> AsyncIterator[_T]:
-    """Yields what `parser` makes of the chunks as they arrive (events, or whole-event
-    pieces); an idle gap or the total deadline (aiohttp's) ends it with 504."""
-    content = response.content
-    timeouts = target.settings.timeouts
-    # Else aiohttp's socket timeout is exactly `idle`.
-    watch = IdleWatch(content, timeouts.idle) if own_idle_timer(timeouts) else None
-    timings = exchange.timings
-    try:
-        while True:
-            try:
-                if watch is None:
-                    chunk = await content.readany()
-                else:
-                    watch.waiting()
-                    chunk = await content.readany()
-                    watch.since = 0.0
-            except TimeoutError as exc:
-                raise _count(
-                    target, "timeout", UpstreamTimeoutError(_idle_message(target))
-                ) from exc
-            except aiohttp.ClientError as exc:
-                raise _count(target, "stream", UpstreamError(_broken_message(target))) from exc
-            if not timings.first_chunk:
-                timings.first_chunk = time.perf_counter()
-            if not chunk:
-                break
-            for event in parser.feed(chunk):
-                yield event
-    finally:
-        if watch is not None:
-            watch.close()
-    timings.upstream_done = time.perf_counter()
-    for event in parser.flush():
-        yield event
-    response.release()
-
-
-class IdleWatch:
-    """A stream's `idle` limit at one timer per idle period instead of one per chunk.
-
-    A wait for the next chunk only notes when it began (`waiting`); the timer, due `idle`
-    after a wait began, checks whether the wait now in progress has lasted `idle`. If it has,
-    the reader gets `TimeoutError`, as aiohttp's own read timeout does; if not, the timer
-    re-arms for when it would. Time spent writing to a slow client is not waiting. A timeout
-    context per wait cost ~35k instructions per event.
-    """
-
-    __slots__ = ("_content", "_idle", "_loop", "_timer", "since")
-
-    def __init__(self, content: aiohttp.StreamReader, idle: float) -> None:
-        self._content = content
-        self._idle = idle
-        self._loop = asyncio.get_running_loop()
-        self._timer: asyncio.TimerHandle | None = None
-        self.since = 0.0
-        """When the wait in progress began; 0 when not waiting."""
-
-    def waiting(self) -> None:
-        self.since = now = self._loop.time()
-        if self._timer is None:
-            self._timer = self._loop.call_at(now + self._idle, self._check)
-
-    def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _check(self) -> None:
-        self._timer = None
-        if not self.since:
-            return  # not waiting now: the next wait arms the timer again
-        due = self.since + self._idle
-        if self._loop.time() >= due:
-            self._content.set_exception(TimeoutError("no stream chunk within the idle limit"))
-        else:
-            self._timer = self._loop.call_at(due, self._check)
-
-
 def _status_error(
     response: aiohttp.ClientResponse, raw: bytes, headers: dict[str, str]
 ) -> UpstreamStatusError:
@@ -412,11 +307,3 @@ def _connect_message(target: Target) -> str:
 
 def _timeout_message(target: Target) -> str:
     return f"The provider {target.name!r} did not answer in time. Try again later."
-
-
-def _idle_message(target: Target) -> str:
-    return f"The provider {target.name!r} stopped sending the stream. Try again later."
-
-
-def _broken_message(target: Target) -> str:
-    return f"The provider {target.name!r} closed the stream before it was complete."

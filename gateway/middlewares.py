@@ -14,7 +14,6 @@ import structlog
 from aiohttp import web
 
 from gateway import metrics
-from gateway.catalog import Catalog
 from gateway.errors import (
     GatewayError,
     InternalError,
@@ -81,10 +80,11 @@ def _observe(request: web.Request, status: int) -> None:
         metrics.incrementer(metrics.REQUESTS, route, "", str(status))(1)
         return
     exchange.timings.finished = time.perf_counter()
-    catalog: Catalog = request.app[CATALOG]
-    model = exchange.model if catalog.resolve(exchange.model) is not None else "other"
-    if exchange.model is None:
+    model = exchange.model
+    if model is None:
         model = ""
+    elif exchange.route is None and request.app[CATALOG].resolve(model) is None:
+        model = "other"  # a label takes configured model names only; routed ones are
     status_label = str(exchange.status or status)
     metrics.incrementer(metrics.REQUESTS, exchange.endpoint, model, status_label)(1)
     if exchange.status < 400:

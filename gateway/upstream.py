@@ -13,7 +13,7 @@ import math
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -56,6 +56,18 @@ class Target:
     settings: ProviderSettings
     forwarded: tuple[str, ...] = ()
     forwarded_prefixes: tuple[str, ...] = ()
+    credential: tuple[str, str] | None = field(init=False, default=None, repr=False)
+    """The provider key as the header that carries it, read out of its `SecretStr` once."""
+
+    def __post_init__(self) -> None:
+        key = self.settings.api_key.get_secret_value() if self.settings.api_key else ""
+        if key:
+            header = (
+                ("api-key", key)
+                if self.settings.kind == "azure"
+                else ("Authorization", f"Bearer {key}")
+            )
+            object.__setattr__(self, "credential", header)
 
     @classmethod
     def of(cls, name: str, base_url: str, settings: ProviderSettings) -> Target:
@@ -186,16 +198,13 @@ class UpstreamClient:
         headers.update(settings.headers)
         headers["Content-Type"] = "application/json"
         headers["X-Request-Id"] = exchange.request_id
-        key = settings.api_key.get_secret_value() if settings.api_key else None
-        path = PATHS[exchange.endpoint]
+        if target.credential is not None:
+            name, value = target.credential
+            headers[name] = value
         if settings.kind == "azure":
             url = _azure_url(target, exchange.endpoint, upstream_model)
-            if key:
-                headers["api-key"] = key
         else:
-            url = target.base_url + path
-            if key:
-                headers["Authorization"] = f"Bearer {key}"
+            url = target.base_url + PATHS[exchange.endpoint]
         return url, headers, _body_bytes(exchange, upstream_model)
 
     def _upstream_model(self, exchange: Exchange, provider: str) -> str:

@@ -55,3 +55,4 @@ async def test_azure_requests_use_deployment_url_and_api_key_header():
     assert headers["api-key"] == "azure-secret"
     assert "Authorization" not in headers
     assert b'"prod-4o"' in data
+    assert "azure-secret" not in repr(target)  # the key read out once stays out of reprs

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import redis.asyncio as aioredis
@@ -43,6 +44,20 @@ async def backend(request, redis_server):
     redis = RedisBackend(RedisSettings(url=redis_server.url), "test:" + uuid.uuid4().hex[:8])
     yield redis
     await redis.close()
+
+
+@pytest.fixture
+async def open_backend(redis_server) -> AsyncIterator[Callable[[str], RedisBackend]]:
+    """Opens Redis backends on the private server under a key prefix; closes them after."""
+    opened: list[RedisBackend] = []
+
+    def open_(prefix: str) -> RedisBackend:
+        opened.append(RedisBackend(RedisSettings(url=redis_server.url), prefix))
+        return opened[-1]
+
+    yield open_
+    for backend in opened:
+        await backend.close()
 
 
 async def test_request_rate_allows_the_burst_then_one_per_interval(backend):
@@ -118,29 +133,26 @@ async def test_concurrency_slots_are_held_until_settled_or_the_lease_ends(backen
 
 
 @pytest.mark.parametrize("largest_group", [1, 6])
-async def test_redis_and_memory_decide_alike(redis_server, largest_group):
+async def test_redis_and_memory_decide_alike(largest_group, open_backend):
     """The Lua script and the memory backend are the same algorithm: replay one history.
     Operations sent together in one batch decide as if sent one by one, in order."""
     rng = random.Random(largest_group)
-    redis = RedisBackend(RedisSettings(url=redis_server.url), f"parity-{largest_group}")
+    redis = open_backend(f"parity-{largest_group}")
     memory = MemoryBackend()
     limits = [rate(9), rate(4, 1000), rate(1200, kind="t"), budget(6000), slots(4)]
     now, held = T0, []
-    try:
-        for _ in range(200):
-            now += rng.choice([0, 1, 37, 250, 1500])
-            size = rng.randrange(1, largest_group + 1)
-            group = [_random_operation(rng, limits, held) for _ in range(size)]
-            got_redis = await asyncio.gather(*(_apply(redis, op, now) for op in group))
-            got_memory = [await _apply(memory, op, now) for op in group]
-            for from_redis, from_memory in zip(got_redis, got_memory, strict=True):
-                if from_redis is None:
-                    continue
-                assert _outcome(from_redis) == _outcome(from_memory)
-                if from_redis.reservation:
-                    held.append(from_redis.reservation)
-    finally:
-        await redis.close()
+    for _ in range(200):
+        now += rng.choice([0, 1, 37, 250, 1500])
+        size = rng.randrange(1, largest_group + 1)
+        group = [_random_operation(rng, limits, held) for _ in range(size)]
+        got_redis = await asyncio.gather(*(_apply(redis, op, now) for op in group))
+        got_memory = [await _apply(memory, op, now) for op in group]
+        for from_redis, from_memory in zip(got_redis, got_memory, strict=True):
+            if from_redis is None:
+                continue
+            assert _outcome(from_redis) == _outcome(from_memory)
+            if from_redis.reservation:
+                held.append(from_redis.reservation)
 
 
 def _random_operation(rng, limits, held):
@@ -171,86 +183,75 @@ async def _evalsha_calls(url: str) -> int:
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
-async def test_concurrent_reserves_go_as_one_batch_and_each_gets_its_own_answer(redis_server):
-    redis = RedisBackend(RedisSettings(url=redis_server.url), "batch")
+async def test_concurrent_reserves_go_as_one_batch_and_each_gets_its_own_answer(
+    redis_server, open_backend
+):
+    redis = open_backend("batch")
     limit = rate(5)
-    try:
-        await redis.reserve(ask(rate(1, key="warm")), T0)  # the script is loaded
-        before = await _evalsha_calls(redis_server.url)
-        decisions = await asyncio.gather(*(redis.reserve(ask(limit), T0) for _ in range(8)))
-        assert await _evalsha_calls(redis_server.url) - before == 1
-        assert [d.allowed for d in decisions] == [True] * 5 + [False] * 3
-        assert [d.standings[0].remaining for d in decisions[:5]] == [4, 3, 2, 1, 0]
-        assert {d.retry_ms for d in decisions[5:]} == {12_000}
-        before = await _evalsha_calls(redis_server.url)
-        settles = (redis.settle(d.reservation, 0, T0) for d in decisions[:5])
-        await asyncio.gather(*settles, redis.reserve(ask(limit), T0 + 12_000))
-        assert await _evalsha_calls(redis_server.url) - before == 1
-    finally:
-        await redis.close()
+    await redis.reserve(ask(rate(1, key="warm")), T0)  # the script is loaded
+    before = await _evalsha_calls(redis_server.url)
+    decisions = await asyncio.gather(*(redis.reserve(ask(limit), T0) for _ in range(8)))
+    assert await _evalsha_calls(redis_server.url) - before == 1
+    assert [d.allowed for d in decisions] == [True] * 5 + [False] * 3
+    assert [d.standings[0].remaining for d in decisions[:5]] == [4, 3, 2, 1, 0]
+    assert {d.retry_ms for d in decisions[5:]} == {12_000}
+    before = await _evalsha_calls(redis_server.url)
+    settles = (redis.settle(d.reservation, 0, T0) for d in decisions[:5])
+    await asyncio.gather(*settles, redis.reserve(ask(limit), T0 + 12_000))
+    assert await _evalsha_calls(redis_server.url) - before == 1
 
 
-async def test_a_full_batch_is_sent_at_once_and_the_rest_follows(redis_server):
-    redis = RedisBackend(RedisSettings(url=redis_server.url), "full")
+async def test_a_full_batch_is_sent_at_once_and_the_rest_follows(redis_server, open_backend):
+    redis = open_backend("full")
     limit = rate(BATCH_SIZE)
-    try:
-        await redis.reserve(ask(rate(1, key="warm")), T0)  # the script is loaded
-        before = await _evalsha_calls(redis_server.url)
-        many = (redis.reserve(ask(limit), T0) for _ in range(BATCH_SIZE + 1))
-        decisions = await asyncio.gather(*many)
-        assert await _evalsha_calls(redis_server.url) - before == 2
-        assert [d.allowed for d in decisions] == [True] * BATCH_SIZE + [False]
-    finally:
-        await redis.close()
+    await redis.reserve(ask(rate(1, key="warm")), T0)  # the script is loaded
+    before = await _evalsha_calls(redis_server.url)
+    many = (redis.reserve(ask(limit), T0) for _ in range(BATCH_SIZE + 1))
+    decisions = await asyncio.gather(*many)
+    assert await _evalsha_calls(redis_server.url) - before == 2
+    assert [d.allowed for d in decisions] == [True] * BATCH_SIZE + [False]
 
 
-async def test_a_flushed_script_cache_reloads_the_script_for_the_whole_batch(redis_server):
-    redis = RedisBackend(RedisSettings(url=redis_server.url), "noscript")
+async def test_a_flushed_script_cache_reloads_the_script_for_the_whole_batch(
+    redis_server, open_backend
+):
+    redis = open_backend("noscript")
     limit = slots(3)
+    assert (await redis.reserve(ask(limit), T0)).allowed
+    client = aioredis.from_url(redis_server.url)
     try:
-        assert (await redis.reserve(ask(limit), T0)).allowed
-        client = aioredis.from_url(redis_server.url)
-        try:
-            await client.script_flush()
-        finally:
-            await client.aclose()
-        before = await _evalsha_calls(redis_server.url)
-        decisions = await asyncio.gather(*(redis.reserve(ask(limit), T0) for _ in range(4)))
-        assert await _evalsha_calls(redis_server.url) - before == 2  # NOSCRIPT, then the run
-        assert [d.allowed for d in decisions] == [True, True, False, False]
-        assert [d.standings[0].remaining for d in decisions] == [1, 0, 0, 0]
+        await client.script_flush()
     finally:
-        await redis.close()
+        await client.aclose()
+    before = await _evalsha_calls(redis_server.url)
+    decisions = await asyncio.gather(*(redis.reserve(ask(limit), T0) for _ in range(4)))
+    assert await _evalsha_calls(redis_server.url) - before == 2  # NOSCRIPT, then the run
+    assert [d.allowed for d in decisions] == [True, True, False, False]
+    assert [d.standings[0].remaining for d in decisions] == [1, 0, 0, 0]
 
 
-async def test_a_cancelled_caller_does_not_disturb_the_rest_of_its_batch(redis_server):
-    redis = RedisBackend(RedisSettings(url=redis_server.url), "cancel")
+async def test_a_cancelled_caller_does_not_disturb_the_rest_of_its_batch(open_backend):
+    redis = open_backend("cancel")
     limit = rate(10)
-    try:
-        await redis.reserve(ask(rate(1, key="warm")), T0)  # the script is loaded
-        tasks = [asyncio.create_task(redis.reserve(ask(limit), T0)) for _ in range(4)]
-        await asyncio.sleep(0)  # every task has queued its operation
-        tasks[1].cancel()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        assert isinstance(results[1], asyncio.CancelledError)
-        # the others got their answers; the reservation of the one gone was not even sent
-        assert [results[i].standings[0].remaining for i in (0, 2, 3)] == [9, 8, 7]
-    finally:
-        await redis.close()
+    await redis.reserve(ask(rate(1, key="warm")), T0)  # the script is loaded
+    tasks = [asyncio.create_task(redis.reserve(ask(limit), T0)) for _ in range(4)]
+    await asyncio.sleep(0)  # every task has queued its operation
+    tasks[1].cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[1], asyncio.CancelledError)
+    # the others got their answers; the reservation of the one gone was not even sent
+    assert [results[i].standings[0].remaining for i in (0, 2, 3)] == [9, 8, 7]
 
 
-async def test_a_cancelled_settlement_still_frees_its_slot(redis_server):
-    redis = RedisBackend(RedisSettings(url=redis_server.url), "cancel-settle")
+async def test_a_cancelled_settlement_still_frees_its_slot(open_backend):
+    redis = open_backend("cancel-settle")
     limit = slots(1)
-    try:
-        held = await redis.reserve(ask(limit), T0)
-        settling = asyncio.create_task(redis.settle(held.reservation, 0, T0))
-        await asyncio.sleep(0)  # queued
-        settling.cancel()
-        await asyncio.gather(settling, return_exceptions=True)
-        assert (await redis.reserve(ask(limit), T0)).allowed
-    finally:
-        await redis.close()
+    held = await redis.reserve(ask(limit), T0)
+    settling = asyncio.create_task(redis.settle(held.reservation, 0, T0))
+    await asyncio.sleep(0)  # queued
+    settling.cancel()
+    await asyncio.gather(settling, return_exceptions=True)
+    assert (await redis.reserve(ask(limit), T0)).allowed
 
 
 @pytest.mark.parametrize(("mode", "refused"), [("closed", 5), ("open", 0)])

@@ -29,7 +29,7 @@ from gateway.errors import (
     UpstreamTimeoutError,
 )
 from gateway.exchange import Exchange, JsonReply, Reply
-from gateway.upstream_stream import stream_reply
+from gateway.upstream_stream import counted, stream_reply
 
 PATHS = {
     "chat.completions": "/chat/completions",
@@ -174,9 +174,11 @@ class UpstreamClient:
             else:  # aiohttp's socket read timeout is exactly first_byte here
                 response = await request
         except TimeoutError as exc:
-            raise _count(target, "timeout", UpstreamTimeoutError(_timeout_message(target))) from exc
+            raise counted(
+                target.name, "timeout", UpstreamTimeoutError(_timeout_message(target))
+            ) from exc
         except aiohttp.ClientError as exc:
-            raise _count(target, "connect", UpstreamError(_connect_message(target))) from exc
+            raise counted(target.name, "connect", UpstreamError(_connect_message(target))) from exc
         exchange.timings.upstream_headers = time.perf_counter()
         metrics.observer(metrics.UPSTREAM_SECONDS, target.name)(
             exchange.timings.upstream_headers - exchange.timings.upstream_sent
@@ -184,7 +186,7 @@ class UpstreamClient:
         returned = _returned_headers(response.headers)
         if response.status >= 400:
             body = await _read_all(response, target)
-            raise _count(target, "status", _status_error(response, body, returned))
+            raise counted(target.name, "status", _status_error(response, body, returned))
         if exchange.is_stream and response.content_type == "text/event-stream":
             return stream_reply(response, returned, target.name, timeouts, exchange.timings)
         raw = await _read_all(response, target)
@@ -256,9 +258,11 @@ async def _read_all(response: aiohttp.ClientResponse, target: Target) -> bytes:
     try:
         return await response.read()
     except TimeoutError as exc:
-        raise _count(target, "timeout", UpstreamTimeoutError(_timeout_message(target))) from exc
+        raise counted(
+            target.name, "timeout", UpstreamTimeoutError(_timeout_message(target))
+        ) from exc
     except aiohttp.ClientError as exc:
-        raise _count(target, "connect", UpstreamError(_connect_message(target))) from exc
+        raise counted(target.name, "connect", UpstreamError(_connect_message(target))) from exc
     finally:
         response.release()
 
@@ -303,11 +307,6 @@ def _seconds(value: str | None) -> float | None:
         return float(value)
     except ValueError:
         return None
-
-
-def _count(target: Target, kind: str, error: GatewayError) -> GatewayError:
-    metrics.UPSTREAM_ERRORS.labels(target.name, kind).inc()
-    return error
 
 
 def _connect_message(target: Target) -> str:

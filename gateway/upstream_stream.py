@@ -74,10 +74,10 @@ async def _read(
                     watch.since = 0.0
             except TimeoutError as exc:
                 message = f"The provider {provider!r} stopped sending the stream. Try again later."
-                raise _failed(provider, "timeout", UpstreamTimeoutError(message)) from exc
+                raise counted(provider, "timeout", UpstreamTimeoutError(message)) from exc
             except aiohttp.ClientError as exc:
                 message = f"The provider {provider!r} closed the stream before it was complete."
-                raise _failed(provider, "stream", UpstreamError(message)) from exc
+                raise counted(provider, "stream", UpstreamError(message)) from exc
             if not timings.first_chunk:
                 timings.first_chunk = time.perf_counter()
             if not chunk:
@@ -134,6 +134,7 @@ class IdleWatch:
             self._timer = self._loop.call_at(due, self._check)
 
 
-def _failed(provider: str, kind: str, error: GatewayError) -> GatewayError:
+def counted(provider: str, kind: str, error: GatewayError) -> GatewayError:
+    """`error`, counted in `gateway_upstream_errors_total` by provider and kind."""
     metrics.UPSTREAM_ERRORS.labels(provider, kind).inc()
     return error

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
-from prometheus_client.metrics import MetricWrapperBase
 
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
@@ -151,20 +150,6 @@ POLICY_STREAM_DELAY_SECONDS = Histogram(
 )
 
 
-_M = TypeVar("_M", bound=MetricWrapperBase)
-_CHILDREN: dict[tuple[Any, ...], Any] = {}
-
-
-def child(metric: _M, *labels: str) -> _M:
-    """`metric.labels(*labels)`, looked up once: the request path calls this instead of
-    `labels`, which validates and takes a lock on every call. Label values are bounded."""
-    key = (metric, *labels)
-    found = _CHILDREN.get(key)
-    if found is None:
-        found = _CHILDREN[key] = metric.labels(*labels)
-    return found
-
-
 _OBSERVERS: dict[tuple[Any, ...], Observer] = {}
 _INCREMENTERS: dict[tuple[Any, ...], Callable[[float], None]] = {}
 
@@ -196,7 +181,7 @@ def observer(metric: Histogram, *labels: str) -> Observer:
     key = (metric, *labels)
     found = _OBSERVERS.get(key)
     if found is None:
-        found = _OBSERVERS[key] = Observer(child(metric, *labels) if labels else metric)
+        found = _OBSERVERS[key] = Observer(metric.labels(*labels) if labels else metric)
     return found
 
 
@@ -206,5 +191,5 @@ def incrementer(metric: Counter | Gauge, *labels: str) -> Callable[[float], None
     key = (metric, *labels)
     found = _INCREMENTERS.get(key)
     if found is None:
-        found = _INCREMENTERS[key] = (child(metric, *labels) if labels else metric)._value.inc
+        found = _INCREMENTERS[key] = (metric.labels(*labels) if labels else metric)._value.inc
     return found

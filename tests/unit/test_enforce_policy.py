@@ -98,7 +98,7 @@ async def test_flag_and_shadow_pass_the_text_and_record(tmp_path, action, mode):
 
 
 async def test_each_decision_is_logged_and_counted_with_every_field(tmp_path, log_buffer):
-    counter = metrics.child(metrics.POLICY_DECISIONS, "prompt", "flag", "high", "enforce")
+    counter = metrics.POLICY_DECISIONS.labels("prompt", "flag", "high", "enforce")
     before = counter._value.get()
     stage = await make_stage(tmp_path, action="flag")
     for _ in range(2):  # the second request reuses what the first prepared

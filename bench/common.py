@@ -82,7 +82,13 @@ class Server:
 
 
 def start_server(
-    name: str, argv: Sequence[str], url: str, *, ready_path: str = "", log_dir: Path
+    name: str,
+    argv: Sequence[str],
+    url: str,
+    *,
+    ready_path: str = "",
+    log_dir: Path,
+    timeout: float = 20.0,
 ) -> Server:
     """Starts `argv` with its output in `log_dir/<name>.log` and waits until `url` answers."""
     log_path = log_dir / f"{name}.log"
@@ -92,7 +98,7 @@ def start_server(
             start_new_session=True,
         )  # fmt: skip
     server = Server(name, process, url, log_path)
-    _wait_ready(server, url + ready_path)
+    _wait_ready(server, url + ready_path, timeout)
     return server
 
 

@@ -16,20 +16,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from gateway import metrics
+from gateway.anomaly_batch import Plan, Run, minute_counts, new_members, plan
 from gateway.anomaly_redis import RedisStore
 from gateway.anomaly_state import (
     METRICS,
-    STATE_TTL,
     Baseline,
     Claim,
     MemoryStore,
+    Observation,
     Reading,
     Rolled,
     Save,
-    Seen,
-    Step,
     Store,
     Visit,
+    Visited,
+    Window,
 )
 from gateway.config import AnomalySettings, Settings
 from gateway.errors import ServiceUnavailableError
@@ -40,29 +41,6 @@ _MIN_SPREAD = {"requests": 2.0, "tokens": 50.0, "errors": 1.0, "violations": 1.0
                "redactions": 2.0, "models": 1.0}  # fmt: skip
 _DETECTOR = {m: f"{m}_per_minute" for m in METRICS}
 log = get_logger("gateway.anomaly")
-
-
-@dataclass(frozen=True, slots=True)
-class Observation:
-    """What detection needs from one finished request: pseudonyms and counts, no content."""
-
-    at: float
-    principal: str | None = None
-    tenant: str | None = None
-    address: str | None = None  # truncated network
-    credential: str | None = None  # key id or fingerprint of the presented credential
-    model: str | None = None
-    endpoint: str | None = None
-    status: int = 200
-    tokens: int = 0
-    violations: int = 0
-    injection_blocks: int = 0
-    canary_leak: bool = False
-    redactions: int = 0
-
-    def identities(self) -> list[tuple[str, str]]:
-        found = [("principal", self.principal), ("tenant", self.tenant)]
-        return [(kind, ident) for kind, ident in found if ident]
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,13 +120,6 @@ class _Folded:
         return [Save(key, rolled.baselines, rolled.history) for key, rolled in self.latest.items()]
 
 
-def _counts(obs: Observation) -> dict[str, float]:
-    """What one request adds to its identity's current minute (but `models`: see `Visit`)."""
-    return {"requests": 1.0, "tokens": float(obs.tokens),
-            "errors": float(obs.status >= 500 or obs.status in (401, 403, 429)),
-            "violations": float(obs.violations), "redactions": float(obs.redactions)}  # fmt: skip
-
-
 class AnomalyDetector:
     """Scores finished requests in a background task fed by a bounded queue.
 
@@ -166,6 +137,7 @@ class AnomalyDetector:
     ) -> None:
         self.settings, self.store, self._emit, self.clock = settings, store, emit, clock
         self._queue: asyncio.Queue[Observation] = asyncio.Queue(settings.queue_size)
+        self._hour_after = settings.hour_min_days * 86400  # seconds of history before hour checks
         self._task: asyncio.Task[None] | None = None
 
     def submit(self, observation: Observation) -> None:
@@ -219,12 +191,13 @@ class AnomalyDetector:
         each identity's minutes in order, and the baselines folded at a boundary are carried
         to the batch's later requests here until `write` stores them. (Another replica reads
         the older baselines until then, as it did between a fold and its save one by one;
-        cooldown claims stay atomic in the store, so replicas still raise an anomaly once.)"""
-        steps = [self._step(obs) for obs in batch]
-        readings = await self.store.read(steps)
+        cooldown claims stay atomic in the store, so replicas still raise an anomaly once.)
+        An identity's requests of one minute are read as one visit (`gateway.anomaly_batch`)
+        and each one's view is recovered from it."""
+        planned = plan(batch, self._windows, first_use=self.settings.first_use)
+        readings = await self.store.read(planned.steps)
         folded = _Folded()
-        found = [anomaly for obs, step, reading in zip(batch, steps, readings, strict=True)
-                 for anomaly in self._analyse(obs, step, reading, folded)]  # fmt: skip
+        found = self._analyse(batch, planned, readings, folded)
         saves = folded.saves()
         if not saves and not found:
             return []
@@ -237,50 +210,70 @@ class AnomalyDetector:
             self._emit(anomaly)
         return raised
 
-    def _step(self, obs: Observation) -> Step:
-        minute, hour = int(obs.at // 60), int(obs.at // 3600) % 24
-        visits = tuple(self._visit(kind, ident, obs, minute) for kind, ident in obs.identities())
-        windows = tuple((burst.key, burst.window) for burst in self._bursts(obs))
-        return Step(visits, minute, hour, obs.at, windows)
+    def _windows(self, obs: Observation) -> tuple[Window, ...]:
+        if obs.status != 401 and not obs.injection_blocks:
+            return ()  # most requests: no rule counts them
+        return tuple((burst.key, burst.window) for burst in self._bursts(obs))
 
     def _analyse(
-        self, obs: Observation, step: Step, reading: Reading, folded: _Folded
-    ) -> list[Anomaly]:
-        """Every detector on one request, given what its `Step` read."""
+        self, batch: Sequence[Observation], planned: Plan, readings: Sequence[Reading],
+        folded: _Folded,
+    ) -> list[Anomaly]:  # fmt: skip
+        """Every detector on every request, in the batch's order (per request: its principal,
+        its tenant, its rule windows, a canary leak), from what the plan's steps read."""
+        per_identity: dict[tuple[int, str], list[Anomaly]] = {}
+        recent: dict[int, list[int]] = {}
+        runs = 0
+        for owner, reading in zip(planned.owners, readings, strict=True):
+            if isinstance(owner, int):
+                recent[owner] = reading.recent
+                continue
+            read = planned.visits[runs], reading.visited[0], planned.firsts[runs]
+            self._analyse_run(batch, owner, read, folded, per_identity)
+            runs += 1
         found: list[Anomaly] = []
-        for (kind, ident), visit, state in zip(obs.identities(), step.visits, reading.visited,
-                                               strict=True):  # fmt: skip
-            rolled = self._roll(visit.key, state.rolled, folded)
-            if rolled.history >= self.settings.min_history:
-                self._score(kind, ident, rolled, obs, found)
-            new = {key: added for (key, _, _), added in zip(visit.seen, state.new, strict=True)}
-            self._first_use(kind, ident, obs, (rolled.history, new), found)
-            self._hour(kind, ident, obs, state.hours, found)
-        for burst, count in zip(self._bursts(obs), reading.recent, strict=True):
+        for position, obs in enumerate(batch):
+            if per_identity:
+                for kind in ("principal", "tenant"):
+                    found += per_identity.get((position, kind), ())
+            if position in recent:
+                self._burst(obs, recent[position], found)
+            if obs.canary_leak:
+                kind, ident = (obs.identities() or [("address", obs.address or "unknown")])[0]
+                found.append(Anomaly("canary_leak", kind, ident, 1, 0, 0, "critical", obs.at))
+        return found
+
+    def _analyse_run(
+        self, batch: Sequence[Observation], run: Run, read: tuple[Visit, Visited, list[int]],
+        folded: _Folded, found: dict[tuple[int, str], list[Anomaly]],
+    ) -> None:  # fmt: skip
+        """The identity detectors on each request of a run. Scoring and first use need the
+        identity's history; only then is each request's view recovered."""
+        visit, visited, firsts = read
+        rolled = self._roll(run.key, visited.rolled, folded)
+        established = rolled.history >= self.settings.min_history
+        hours, first = visited.hours
+        if not established and (run.minute + 1) * 60 - first <= self._hour_after:
+            return  # a young identity: no request of this minute can be scored or checked
+        counts = minute_counts(run, batch, visit, visited, firsts) if established else []
+        first_added = new_members(visit, visited, firsts) if established else {}
+        hour = int(batch[run.positions[0]].at // 3600) % 24
+        at_hour, total = hours[hour], sum(hours)
+        for request, position in enumerate(run.positions):
+            obs, hits = batch[position], list[Anomaly]()
+            if established:
+                self._score(run.kind, run.ident, (counts[request], rolled.baselines), obs, hits)
+                self._first_use(run.kind, run.ident, obs, first_added.get(request, set()), hits)
+            self._hour(run.kind, run.ident, obs, (at_hour + request, total + request, first),
+                       hits)  # fmt: skip
+            if hits:
+                found[position, run.kind] = hits
+
+    def _burst(self, obs: Observation, counts: Sequence[int], found: list[Anomaly]) -> None:
+        for burst, count in zip(self._bursts(obs), counts, strict=True):
             if count >= burst.threshold:
                 found.append(Anomaly(burst.detector, burst.kind, burst.identity, count,
                                      burst.threshold, 0, "high", obs.at))  # fmt: skip
-        if obs.canary_leak:
-            kind, ident = (obs.identities() or [("address", obs.address or "unknown")])[0]
-            found.append(Anomaly("canary_leak", kind, ident, 1, 0, 0, "critical", obs.at))
-        return found
-
-    def _visit(self, kind: str, ident: str, obs: Observation, minute: int) -> Visit:
-        """What the request adds to the identity: its counts, the models it used this minute
-        (the `models` count) and, for first-use detection, the models and endpoints ever."""
-        counts = _counts(obs)
-        seen: list[Seen] = []
-        new_model = None
-        if obs.model is not None:
-            new_model = f"mm:{kind}:{ident}:{minute}"
-            seen.append((new_model, obs.model, 120))
-        else:
-            counts["models"] = 0.0
-        if self.settings.first_use:
-            for what, value in (("model", obs.model), ("endpoint", obs.endpoint)):
-                if value is not None:
-                    seen.append((f"{what}s:{kind}:{ident}", value, STATE_TTL))
-        return Visit(f"{kind}:{ident}", counts, tuple(seen), new_model)
 
     def _roll(self, key: str, rolled: Rolled, folded: _Folded) -> Rolled:
         """The identity's minute with its baselines as of now: the last ones folded in this
@@ -296,13 +289,15 @@ class AnomalyDetector:
         return rolled
 
     def _score(
-        self, kind: str, ident: str, rolled: Rolled, obs: Observation, found: list[Anomaly]
-    ) -> None:
-        """Scores every metric of the current minute against its baseline. A value at or below
-        the mean scores 0 or less, under any threshold (they are positive): skipped."""
-        settings, baselines = self.settings, rolled.baselines
+        self, kind: str, ident: str, minute: tuple[dict[str, float], dict[str, Baseline]],
+        obs: Observation, found: list[Anomaly],
+    ) -> None:  # fmt: skip
+        """Scores every metric of the current minute (`minute`: its counts and baselines)
+        against its baseline. A value at or below the mean scores 0 or less, under any
+        threshold (they are positive): skipped."""
+        settings, (current, baselines) = self.settings, minute
         for metric in METRICS:
-            value = rolled.current.get(metric, 0.0)
+            value = current.get(metric, 0.0)
             base = baselines.get(metric)
             if base is None:
                 base = Baseline()
@@ -316,30 +311,29 @@ class AnomalyDetector:
                                  round(score, 2), severity, obs.at))  # fmt: skip
 
     def _first_use(
-        self, kind: str, ident: str, obs: Observation, state: tuple[int, dict[str, bool]],
-        found: list[Anomaly],
-    ) -> None:  # fmt: skip
-        """`state`: the identity's history (minutes) and which seen-set members were new."""
-        history, new = state
-        if not self.settings.first_use or history < self.settings.min_history:
+        self, kind: str, ident: str, obs: Observation, added: set[str], found: list[Anomaly]
+    ) -> None:
+        """For an established identity; `added`: the seen sets this request added a new
+        member to."""
+        if not self.settings.first_use or not added:
             return
         for what, value in (("model", obs.model), ("endpoint", obs.endpoint)):
-            if value is not None and new.get(f"{what}s:{kind}:{ident}"):
+            if value is not None and f"{what}s:{kind}:{ident}" in added:
                 found.append(Anomaly(f"first_{what}_use", kind, ident, 1, 0, 0, "low", obs.at))
 
     def _hour(
-        self, kind: str, ident: str, obs: Observation, hours: tuple[list[float], float],
+        self, kind: str, ident: str, obs: Observation, hours: tuple[float, float, float],
         found: list[Anomaly],
     ) -> None:  # fmt: skip
-        """`hours`: the identity's 24 hourly counts before this request, and its first use."""
+        """`hours`: the identity's requests in this hour of the day and in all hours before
+        this request, and its first use."""
         hour = int(obs.at // 3600) % 24
-        counts, first = hours
-        if obs.at - first < self.settings.hour_min_days * 86400:
+        at_hour, total, first = hours
+        if obs.at - first < self._hour_after:
             return
-        total = sum(counts)
         if not total:
             return
-        share = counts[hour] / total
+        share = at_hour / total
         if share < self.settings.hour_min_share:
             found.append(Anomaly("unusual_hour", kind, ident, hour, round(share, 4), 0, "medium",
                                  obs.at))  # fmt: skip

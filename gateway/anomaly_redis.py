@@ -36,14 +36,15 @@ from gateway.redis_client import open_redis
 # The one script a batch is read with: its requests' visits and window events, in order,
 # atomically. KEYS: every key the batch uses, once. ARGV[1]: JSON [ttls, ops], ttls[i] the TTL
 # of KEYS[i] (set once, at the end). An op is a visit {1, minute hash, hours hash (KEYS
-# indexes), minute, hour, now, index in `sets` of the set counting new models (0: none), sets
-# (KEYS indexes), their members, metric names, values} or a window event {2, sorted set, now,
-# now - window, member}. A visit adds the members (new or not), rolls the minute (a new minute
-# returns the closed one's counts and starts afresh) and counts the hour. Returns JSON, per op
-# in order: a visit's {closed counts or false, counts after it (both in names order), new
-# flags, minute hash, hours hash before it}, the two hashes only the first time the batch uses
-# the key, else false (the baselines in the minute hash do not change during the script, and
-# each later visit adds one to its hour); a window's count of events.
+# indexes), minute, hour, now, indexes in `sets` of the members counting as new models, sets
+# (KEYS indexes), their members, metric names, values, requests} or a window event {2, sorted
+# set, now, now - window, member}. A visit adds the members (new or not), rolls the minute (a
+# new minute returns the closed one's counts and starts afresh), adds the new models to the
+# values and its requests to the hour. Returns JSON, per op in order: a visit's {closed counts
+# or false, counts after it (both in names order), new flags, minute hash, hours hash before
+# it}, the two hashes only the first time the batch uses the key, else false (the baselines in
+# the minute hash do not change during the script, and a later visit adds its requests to its
+# hour); a window's count of events.
 _READ = """
 local batch = cjson.decode(ARGV[1])
 local ttls, ops, out, sent, minutes = batch[1], batch[2], {}, {}, {}
@@ -52,7 +53,12 @@ local function visit(op)
   local sets, members, names, values = op[8], op[9], op[10], op[11]
   local new = {}
   for i = 1, #sets do new[i] = redis.call('SADD', KEYS[sets[i]], members[i]) end
-  if op[7] > 0 then names[#names + 1], values[#values + 1] = 'models', new[op[7]] end
+  local models = op[7]
+  if #models > 0 then
+    local added = 0
+    for i = 1, #models do added = added + new[models[i]] end
+    names[#names + 1], values[#values + 1] = 'models', added
+  end
   local current = minutes[m] or tonumber(redis.call('HGET', m, 'minute') or '-1')
   local closed = false
   if current < minute then
@@ -73,7 +79,7 @@ local function visit(op)
     redis.call('HSETNX', h, 'first', op[6])
     hours = redis.call('HGETALL', h)
   end
-  redis.call('HINCRBY', h, op[5], 1)
+  redis.call('HINCRBY', h, op[5], op[12])
   return {closed, counts, new, state, hours}
 end
 local function window(op)
@@ -156,7 +162,8 @@ class RedisStore:
         sets = [ops.slot(self._prefix + "s:" + key, int(ttl) + 1) for key, _, ttl in visit.seen]
         members = [member for _, member, _ in visit.seen]
         return [1, *hashes, step.minute, str(step.hour), repr(step.now), _models_from(visit),
-                sets, members, list(visit.counts), list(visit.counts.values())]  # fmt: skip
+                sets, members, list(visit.counts), list(visit.counts.values()),
+                visit.requests]  # fmt: skip
 
     def _window_op(self, ops: _Ops, key: str, window: float, now: float) -> list[Any]:
         slot = ops.slot(self._prefix + "w:" + key, int(window) + 60)
@@ -193,19 +200,18 @@ class RedisStore:
         await self._redis.aclose()
 
 
-def _models_from(visit: Visit) -> int:
-    """The index (from 1) of the seen set whose new members count as new models; 0: none."""
-    if visit.new_model is not None:
-        for index, (key, _, _) in enumerate(visit.seen, 1):
-            if key == visit.new_model:
-                return index
-    return 0
+def _models_from(visit: Visit) -> list[int]:
+    """The indexes (from 1) in `seen` of the members that count as new models when new."""
+    if visit.new_model is None:
+        return []
+    return [index for index, (key, _, _) in enumerate(visit.seen, 1) if key == visit.new_model]
 
 
 @dataclass(slots=True)
 class _Known:
     """Per identity, the baselines and the hourly counts `_READ` sent the first time a batch
-    used it; each later visit of the batch sees the same baselines and one more in its hour."""
+    used it; each later visit of the batch sees the same baselines and its hour grown by the
+    requests of the visits before."""
 
     baselines: dict[str, tuple[dict[str, Baseline], int]] = field(default_factory=dict)
     hours: dict[str, tuple[list[float], float]] = field(default_factory=dict)
@@ -221,7 +227,7 @@ class _Known:
         baselines, history = self.baselines[visit.key]
         counted, first = self.hours[visit.key]
         before = counted.copy()
-        counted[hour] += 1
+        counted[hour] += visit.requests
         names = list(visit.counts)
         if len(counts) > len(names):  # the script added the `models` count
             names.append("models")

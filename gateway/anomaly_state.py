@@ -40,22 +40,47 @@ Seen = tuple[str, str, float]
 
 
 @dataclass(frozen=True, slots=True)
+class Observation:
+    """What detection needs from one finished request: pseudonyms and counts, no content."""
+
+    at: float
+    principal: str | None = None
+    tenant: str | None = None
+    address: str | None = None  # truncated network
+    credential: str | None = None  # key id or fingerprint of the presented credential
+    model: str | None = None
+    endpoint: str | None = None
+    status: int = 200
+    tokens: int = 0
+    violations: int = 0
+    injection_blocks: int = 0
+    canary_leak: bool = False
+    redactions: int = 0
+
+    def identities(self) -> list[tuple[str, str]]:
+        found = [("principal", self.principal), ("tenant", self.tenant)]
+        return [(kind, ident) for kind, ident in found if ident]
+
+
+@dataclass(frozen=True, slots=True)
 class Visit:
-    """What one request adds to one identity's state (`key` is `kind:ident`): its counts to
-    the current minute, members to sets of things seen, and one to the hour of day. When
-    `new_model` names one of the `seen` keys, the minute's `models` count is 1 if that member
-    was new, else 0."""
+    """What requests add to one identity's state (`key` is `kind:ident`): counts to the
+    current minute, members to sets of things seen, and `requests` to the hour of day. A visit
+    stands for `requests` requests of one minute: `counts` are their sums and `seen` holds each
+    member once, in the order first seen. When `new_model` names one of the `seen` keys, the
+    minute's `models` count grows by the number of that key's members that were new."""
 
     key: str
     counts: Mapping[str, float]
     seen: tuple[Seen, ...] = ()
     new_model: str | None = None
+    requests: int = 1
 
 
 @dataclass(slots=True)
 class Visited:
     """The identity's state after a `Visit`: its minute rolled, whether each seen member was
-    new, and the 24 hourly counts before this request with the time the identity was first
+    new, and the 24 hourly counts before the visit with the time the identity was first
     seen."""
 
     rolled: Rolled
@@ -174,9 +199,9 @@ class MemoryStore:
         if visit.new_model is not None:
             found = [n for (key, _, _), n in zip(visit.seen, new, strict=True)
                      if key == visit.new_model]  # fmt: skip
-            counts["models"] = float(any(found))
+            counts["models"] = float(sum(found))
         rolled = self._roll(visit.key, minute, counts)
-        return Visited(rolled, new, self._add_hour(visit.key, hour, now))
+        return Visited(rolled, new, self._add_hour(visit.key, hour, now, visit.requests))
 
     def _roll(self, key: str, minute: int, counts: Mapping[str, float]) -> Rolled:
         state = self._minutes.setdefault(key, _Minute())
@@ -214,13 +239,15 @@ class MemoryStore:
         self._until[claim.key] = claim.now + claim.cooldown
         return True
 
-    def _add_hour(self, key: str, hour: int, now: float) -> tuple[list[float], float]:
+    def _add_hour(
+        self, key: str, hour: int, now: float, requests: int
+    ) -> tuple[list[float], float]:
         known = self._hours.get(key)
         if known is None:
             known = self._hours[key] = ([0.0] * 24, now)
         hours, first = known
         before = list(hours)
-        hours[hour] += 1
+        hours[hour] += requests
         return before, first
 
     async def close(self) -> None:

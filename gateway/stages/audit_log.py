@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.anomaly import Anomaly, AnomalyDetector, Observation
+from gateway.anomaly import Anomaly, AnomalyDetector
+from gateway.anomaly_state import Observation
 from gateway.audit import AuditWriter, EventContext, build_request_event, iso, security_event
 from gateway.exchange import Exchange
 from gateway.pipeline import Stage

@@ -14,12 +14,14 @@ from prometheus_client import REGISTRY
 from redis.asyncio.connection import AbstractConnection
 
 from gateway import anomaly_state
-from gateway.anomaly import Anomaly, AnomalyDetector, Observation, fold, scale
+from gateway.anomaly import Anomaly, AnomalyDetector, fold, scale
+from gateway.anomaly_batch import minute_counts, new_members, plan
 from gateway.anomaly_redis import RedisStore
 from gateway.anomaly_state import (
     METRICS,
     Baseline,
     MemoryStore,
+    Observation,
     Rolled,
     Step,
     Visit,
@@ -253,7 +255,7 @@ def test_scoring_skips_only_minutes_that_cannot_reach_the_threshold(threshold):
                    for m in METRICS}  # fmt: skip
         rolled = Rolled(current, None, baselines, 12)
         found: list[Anomaly] = []
-        detector._score("principal", "ps_alice", rolled, Observation(at=T0), found)
+        detector._score("principal", "ps_alice", (current, baselines), Observation(at=T0), found)
         assert [a.detector for a in found] == expected_scores(settings, rolled)
 
 
@@ -372,7 +374,8 @@ async def test_one_read_of_many_steps_finds_what_reading_each_alone_finds(store_
     stores = [MemoryStore() if store_url is None else RedisStore(settings, prefix=prefix)
               for prefix in ("t:one:", "t:many:")]  # fmt: skip
     detector, _ = detector_with(MemoryStore(), hour_min_days=0.01)
-    steps = [detector._step(obs) for obs in random_traffic(random.Random(5), 400)]
+    traffic = random_traffic(random.Random(5), 400)
+    steps = [s for obs in traffic for s in plan([obs], detector._windows, first_use=True).steps]
     alone = [reading for step in steps for reading in await stores[0].read([step])]
     together = []
     for batch in in_batches(steps, random.Random(6)):
@@ -464,3 +467,46 @@ async def test_a_fast_burst_of_5000_requests_is_analysed_in_full(redis_server, r
     await client.aclose()
     assert raised == []
     await detector.close()
+
+
+async def test_each_request_of_a_run_reads_what_it_reads_alone(store_url):
+    """A run's requests read as one visit: each one's minute counts, new members and hourly
+    counts, recovered from the visit, are what reading it alone finds."""
+    settings = RedisSettings(url=store_url, timeout=1.0)
+    one, many = (MemoryStore() if store_url is None else RedisStore(settings, prefix=prefix)
+                 for prefix in ("t:one:", "t:many:"))  # fmt: skip
+    detector, _ = detector_with(MemoryStore())
+    traffic = random_traffic(random.Random(21), 400)
+    alone = {}
+    for position, obs in enumerate(traffic):
+        planned = plan([obs], detector._windows, first_use=True)
+        readings = await one.read(planned.steps)
+        for run, visit, reading in zip(planned.owners, planned.visits, readings, strict=False):
+            visited = reading.visited[0]
+            hours, _ = visited.hours
+            added = {key for (key, _, _), new in zip(visit.seen, visited.new, strict=True) if new}
+            hour = int(obs.at // 3600) % 24
+            alone[position, run.kind] = (visited.rolled.current, added, hours[hour], sum(hours))
+
+    together, runs, offset = {}, 0, 0
+    for batch in in_batches(traffic, random.Random(22)):
+        planned = plan(batch, detector._windows, first_use=True)
+        readings = await many.read(planned.steps)
+        for run, visit, firsts, reading in zip(planned.owners, planned.visits, planned.firsts,
+                                               readings, strict=False):  # fmt: skip
+            visited = reading.visited[0]
+            counts = minute_counts(run, batch, visit, visited, firsts)
+            added = new_members(visit, visited, firsts)
+            hours, _ = visited.hours
+            hour = int(batch[run.positions[0]].at // 3600) % 24
+            runs += len(run.positions) > 1
+            for request, position in enumerate(run.positions):
+                together[offset + position, run.kind] = (
+                    counts[request], added.get(request, set()),
+                    hours[hour] + request, sum(hours) + request,
+                )  # fmt: skip
+        offset += len(batch)
+    assert runs >= 50, "many runs stand for several requests"
+    assert together == alone
+    await one.close()
+    await many.close()

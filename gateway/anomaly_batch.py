@@ -1,0 +1,160 @@
+"""A batch of finished requests as the anomaly store reads it: one visit per identity and
+minute, and each request's own view recovered from its visit's reading.
+
+Owns grouping a batch into runs (consecutive requests of one identity in one minute), the
+`Visit` that stands for a run (summed counts, each member once), the steps of rule-window
+events, and, from a run's `Visited`, what each of its requests would have read one by one:
+its minute's counts, which of its members were new, and the hourly counts before it. The
+counts are whole numbers, so the sums and differences are exact. Must not score anything
+(`gateway.anomaly` does) nor touch a store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from gateway.anomaly_state import STATE_TTL, Observation, Seen, Step, Visit, Visited, Window
+
+ADDED = ("requests", "tokens", "errors", "violations", "redactions")
+"""What every request adds to its identity's minute; `models` is counted by the store."""
+_MINUTE_MEMBERS_TTL = 120  # seconds a minute's set of models outlives it
+
+
+def added(obs: Observation) -> tuple[float, ...]:
+    """What one request adds to each of `ADDED`."""
+    failed = obs.status >= 500 or obs.status in (401, 403, 429)
+    return 1.0, float(obs.tokens), float(failed), float(obs.violations), float(obs.redactions)
+
+
+@dataclass(slots=True)
+class Run:
+    """Consecutive requests of one identity in one minute of a batch (positions in it)."""
+
+    kind: str
+    ident: str
+    minute: int
+    positions: list[int] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.ident}"
+
+
+@dataclass(slots=True)
+class Plan:
+    """A batch's steps for the store, and what each step stands for: a run, or the position
+    of the request whose rule-window events it carries."""
+
+    steps: list[Step] = field(default_factory=list)
+    owners: list[Run | int] = field(default_factory=list)
+    visits: list[Visit] = field(default_factory=list)  # per run, in `owners` order
+    firsts: list[list[int]] = field(default_factory=list)  # per run: who added each member
+
+
+def plan(
+    batch: Sequence[Observation],
+    windows_of: Callable[[Observation], tuple[Window, ...]],
+    *,
+    first_use: bool,
+) -> Plan:
+    """One step per run, in the order the runs start, and one per request with window
+    events. Reordering steps of different keys changes nothing; a run ends where its
+    identity's next request has another minute, so each key's steps keep their order."""
+    runs: list[Run] = []
+    window_steps: list[tuple[int, tuple[Window, ...]]] = []
+    open_runs: dict[tuple[str, str], Run] = {}
+    for position, obs in enumerate(batch):
+        minute = int(obs.at // 60)
+        for kind, ident in obs.identities():
+            run = open_runs.get((kind, ident))
+            if run is None or run.minute != minute:
+                run = open_runs[kind, ident] = Run(kind, ident, minute)
+                runs.append(run)
+            run.positions.append(position)
+        windows = windows_of(obs)
+        if windows:
+            window_steps.append((position, windows))
+    result = Plan()
+    for run in runs:
+        visit, firsts = _visit(run, batch, first_use)
+        at = batch[run.positions[0]].at
+        result.steps.append(Step((visit,), run.minute, int(at // 3600) % 24, at))
+        result.owners.append(run)
+        result.visits.append(visit)
+        result.firsts.append(firsts)
+    for position, windows in window_steps:
+        at = batch[position].at
+        result.steps.append(Step((), int(at // 60), int(at // 3600) % 24, at, windows))
+        result.owners.append(position)
+    return result
+
+
+def _visit(run: Run, batch: Sequence[Observation], first_use: bool) -> tuple[Visit, list[int]]:
+    """The run as one visit, and for each of its members the request (index in the run) that
+    added it first."""
+    base = f"{run.kind}:{run.ident}"
+    minute_models = f"mm:{base}:{run.minute}"
+    totals = [0.0] * len(ADDED)
+    index: dict[tuple[str, str], int] = {}
+    seen: list[Seen] = []
+    firsts: list[int] = []
+
+    def note(key: str, member: str, ttl: float, request: int) -> None:
+        if (key, member) not in index:
+            index[key, member] = len(seen)
+            seen.append((key, member, ttl))
+            firsts.append(request)
+
+    any_model = False
+    for request, position in enumerate(run.positions):
+        obs = batch[position]
+        for slot, amount in enumerate(added(obs)):
+            totals[slot] += amount
+        if obs.model is not None:
+            any_model = True
+            note(minute_models, obs.model, _MINUTE_MEMBERS_TTL, request)
+        if first_use:
+            for what, member in (("models", obs.model), ("endpoints", obs.endpoint)):
+                if member is not None:
+                    note(f"{what}:{base}", member, STATE_TTL, request)
+    counts = dict(zip(ADDED, totals, strict=True))
+    if not any_model:
+        counts["models"] = 0.0
+    new_model = minute_models if any_model else None
+    return Visit(base, counts, tuple(seen), new_model, len(run.positions)), firsts
+
+
+def minute_counts(
+    run: Run, batch: Sequence[Observation], visit: Visit, visited: Visited, firsts: list[int]
+) -> list[dict[str, float]]:
+    """Each request's minute counts right after it, as one-by-one reads would have found
+    them: the counts after the run, less the run's own, plus what came up to the request."""
+    models = _new_models(visit, visited, firsts, len(run.positions))
+    after = visited.rolled.current
+    running = {name: after.get(name, 0.0) - visit.counts[name] for name in ADDED}
+    running["models"] = after.get("models", 0.0) - sum(models)
+    found = []
+    for request, position in enumerate(run.positions):
+        for name, value in zip(ADDED, added(batch[position]), strict=True):
+            running[name] += value
+        running["models"] += models[request]
+        found.append(dict(running))
+    return found
+
+
+def _new_models(visit: Visit, visited: Visited, firsts: list[int], size: int) -> list[float]:
+    models = [0.0] * size
+    for (key, _, _), new, request in zip(visit.seen, visited.new, firsts, strict=True):
+        if new and key == visit.new_model:
+            models[request] += 1.0
+    return models
+
+
+def new_members(visit: Visit, visited: Visited, firsts: list[int]) -> dict[int, set[str]]:
+    """Per request (index in the run), the sets it added a new member to."""
+    found: dict[int, set[str]] = {}
+    for (key, _, _), new, request in zip(visit.seen, visited.new, firsts, strict=True):
+        if new:
+            found.setdefault(request, set()).add(key)
+    return found

@@ -28,7 +28,6 @@ from gateway.anomaly_state import (
     Rolled,
     Save,
     Store,
-    Visit,
     Visited,
     Window,
 )
@@ -98,6 +97,16 @@ class _Burst:
     @property
     def key(self) -> str:
         return f"{self.detector}:{self.identity}"
+
+
+@dataclass(slots=True)
+class _Pass:
+    """One analysis of a batch: its requests, the baselines folded so far, and the anomalies
+    found per request (position) and identity kind."""
+
+    batch: Sequence[Observation]
+    folded: _Folded
+    found: dict[tuple[int, str], list[Anomaly]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -196,9 +205,9 @@ class AnomalyDetector:
         and each one's view is recovered from it."""
         planned = plan(batch, self._windows, first_use=self.settings.first_use)
         readings = await self.store.read(planned.steps)
-        folded = _Folded()
-        found = self._analyse(batch, planned, readings, folded)
-        saves = folded.saves()
+        work = _Pass(batch, _Folded())
+        found = self._analyse(work, planned, readings)
+        saves = work.folded.saves()
         if not saves and not found:
             return []
         claims = [Claim(f"{a.detector}:{a.kind}:{a.identity}", a.at, self.settings.cooldown)
@@ -215,27 +224,20 @@ class AnomalyDetector:
             return ()  # most requests: no rule counts them
         return tuple((burst.key, burst.window) for burst in self._bursts(obs))
 
-    def _analyse(
-        self, batch: Sequence[Observation], planned: Plan, readings: Sequence[Reading],
-        folded: _Folded,
-    ) -> list[Anomaly]:  # fmt: skip
+    def _analyse(self, work: _Pass, planned: Plan, readings: Sequence[Reading]) -> list[Anomaly]:
         """Every detector on every request, in the batch's order (per request: its principal,
         its tenant, its rule windows, a canary leak), from what the plan's steps read."""
-        per_identity: dict[tuple[int, str], list[Anomaly]] = {}
         recent: dict[int, list[int]] = {}
-        runs = 0
         for owner, reading in zip(planned.owners, readings, strict=True):
             if isinstance(owner, int):
                 recent[owner] = reading.recent
-                continue
-            read = planned.visits[runs], reading.visited[0], planned.firsts[runs]
-            self._analyse_run(batch, owner, read, folded, per_identity)
-            runs += 1
+            else:
+                self._analyse_run(work, owner, reading.visited[0])
         found: list[Anomaly] = []
-        for position, obs in enumerate(batch):
-            if per_identity:
+        for position, obs in enumerate(work.batch):
+            if work.found:
                 for kind in ("principal", "tenant"):
-                    found += per_identity.get((position, kind), ())
+                    found += work.found.get((position, kind), ())
             if position in recent:
                 self._burst(obs, recent[position], found)
             if obs.canary_leak:
@@ -243,20 +245,17 @@ class AnomalyDetector:
                 found.append(Anomaly("canary_leak", kind, ident, 1, 0, 0, "critical", obs.at))
         return found
 
-    def _analyse_run(
-        self, batch: Sequence[Observation], run: Run, read: tuple[Visit, Visited, list[int]],
-        folded: _Folded, found: dict[tuple[int, str], list[Anomaly]],
-    ) -> None:  # fmt: skip
+    def _analyse_run(self, work: _Pass, run: Run, visited: Visited) -> None:
         """The identity detectors on each request of a run. Scoring and first use need the
         identity's history; only then is each request's view recovered."""
-        visit, visited, firsts = read
-        rolled = self._roll(run.key, visited.rolled, folded)
+        batch = work.batch
+        rolled = self._roll(run.key, visited.rolled, work.folded)
         established = rolled.history >= self.settings.min_history
         hours, first = visited.hours
         if not established and (run.minute + 1) * 60 - first <= self._hour_after:
             return  # a young identity: no request of this minute can be scored or checked
-        counts = minute_counts(run, batch, visit, visited, firsts) if established else []
-        first_added = new_members(visit, visited, firsts) if established else {}
+        counts = minute_counts(run, batch, visited) if established else []
+        first_added = new_members(run, visited) if established else {}
         hour = int(batch[run.positions[0]].at // 3600) % 24
         at_hour, total = hours[hour], sum(hours)
         for request, position in enumerate(run.positions):
@@ -267,7 +266,7 @@ class AnomalyDetector:
             self._hour(run.kind, run.ident, obs, (at_hour + request, total + request, first),
                        hits)  # fmt: skip
             if hits:
-                found[position, run.kind] = hits
+                work.found[position, run.kind] = hits
 
     def _burst(self, obs: Observation, counts: Sequence[int], found: list[Anomaly]) -> None:
         for burst, count in zip(self._bursts(obs), counts, strict=True):

@@ -29,16 +29,24 @@ def added(obs: Observation) -> tuple[float, ...]:
 
 @dataclass(slots=True)
 class Run:
-    """Consecutive requests of one identity in one minute of a batch (positions in it)."""
+    """Consecutive requests of one identity in one minute of a batch (positions in it), the
+    visit that stands for them and, per member of the visit, the request (index in the run)
+    that added it first."""
 
     kind: str
     ident: str
     minute: int
     positions: list[int] = field(default_factory=list)
+    visit: Visit | None = None
+    firsts: list[int] = field(default_factory=list)
 
     @property
     def key(self) -> str:
         return f"{self.kind}:{self.ident}"
+
+    @property
+    def seen(self) -> tuple[Seen, ...]:
+        return self.visit.seen if self.visit is not None else ()
 
 
 @dataclass(slots=True)
@@ -48,8 +56,6 @@ class Plan:
 
     steps: list[Step] = field(default_factory=list)
     owners: list[Run | int] = field(default_factory=list)
-    visits: list[Visit] = field(default_factory=list)  # per run, in `owners` order
-    firsts: list[list[int]] = field(default_factory=list)  # per run: who added each member
 
 
 def plan(
@@ -77,12 +83,10 @@ def plan(
             window_steps.append((position, windows))
     result = Plan()
     for run in runs:
-        visit, firsts = _visit(run, batch, first_use)
+        run.visit, run.firsts = _visit(run, batch, first_use)
         at = batch[run.positions[0]].at
-        result.steps.append(Step((visit,), run.minute, int(at // 3600) % 24, at))
+        result.steps.append(Step((run.visit,), run.minute, int(at // 3600) % 24, at))
         result.owners.append(run)
-        result.visits.append(visit)
-        result.firsts.append(firsts)
     for position, windows in window_steps:
         at = batch[position].at
         result.steps.append(Step((), int(at // 60), int(at // 3600) % 24, at, windows))
@@ -126,13 +130,14 @@ def _visit(run: Run, batch: Sequence[Observation], first_use: bool) -> tuple[Vis
 
 
 def minute_counts(
-    run: Run, batch: Sequence[Observation], visit: Visit, visited: Visited, firsts: list[int]
+    run: Run, batch: Sequence[Observation], visited: Visited
 ) -> list[dict[str, float]]:
     """Each request's minute counts right after it, as one-by-one reads would have found
     them: the counts after the run, less the run's own, plus what came up to the request."""
-    models = _new_models(visit, visited, firsts, len(run.positions))
+    assert run.visit is not None  # noqa: S101 - a planned run has its visit
+    models = _new_models(run, visited)
     after = visited.rolled.current
-    running = {name: after.get(name, 0.0) - visit.counts[name] for name in ADDED}
+    running = {name: after.get(name, 0.0) - run.visit.counts[name] for name in ADDED}
     running["models"] = after.get("models", 0.0) - sum(models)
     found = []
     for request, position in enumerate(run.positions):
@@ -143,18 +148,20 @@ def minute_counts(
     return found
 
 
-def _new_models(visit: Visit, visited: Visited, firsts: list[int], size: int) -> list[float]:
-    models = [0.0] * size
-    for (key, _, _), new, request in zip(visit.seen, visited.new, firsts, strict=True):
-        if new and key == visit.new_model:
+def _new_models(run: Run, visited: Visited) -> list[float]:
+    """Per request (index in the run), the new models it added to the minute's count."""
+    models = [0.0] * len(run.positions)
+    new_model = run.visit.new_model if run.visit is not None else None
+    for (key, _, _), new, request in zip(run.seen, visited.new, run.firsts, strict=True):
+        if new and key == new_model:
             models[request] += 1.0
     return models
 
 
-def new_members(visit: Visit, visited: Visited, firsts: list[int]) -> dict[int, set[str]]:
+def new_members(run: Run, visited: Visited) -> dict[int, set[str]]:
     """Per request (index in the run), the sets it added a new member to."""
     found: dict[int, set[str]] = {}
-    for (key, _, _), new, request in zip(visit.seen, visited.new, firsts, strict=True):
+    for (key, _, _), new, request in zip(run.seen, visited.new, run.firsts, strict=True):
         if new:
             found.setdefault(request, set()).add(key)
     return found

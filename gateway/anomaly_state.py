@@ -1,9 +1,10 @@
 """The anomaly detectors' state: what a request changes in it, the `Store` contract, and the
 in-memory store (each process learns alone).
 
-Owns the values a batch of requests reads and writes (visits of identities, rule-window
-events, folded baselines, cooldown claims) and `MemoryStore`, whose results `RedisStore`
-(`gateway.anomaly_redis`) must match exactly. Must not score anything: `gateway.anomaly` does.
+Owns the values a batch of requests reads and writes (the observation of a finished request,
+visits of identities, rule-window events, folded baselines, cooldown claims) and `MemoryStore`,
+whose results `RedisStore` (`gateway.anomaly_redis`) must match exactly. Must not score
+anything: `gateway.anomaly` does.
 """
 
 from __future__ import annotations

@@ -284,6 +284,27 @@ class Target:
     errors: int = 0
 
 
+def start_redis(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A private redis-server on a free port that keeps nothing on disk, and its URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    return process, f"redis://127.0.0.1:{port}/0"
+
+
+def start_provider(tmp: Path, *, stream: bool) -> Server:
+    """`gateway demo-provider` on a free port; streams paced as `bench/proxy.py`'s."""
+    port = free_port()
+    return start_server(
+        "provider", [*gateway_command(), "demo-provider", "--port", str(port),
+                     *(STREAM_PACING if stream else [])],
+        f"http://127.0.0.1:{port}", ready_path="/v1/models", log_dir=tmp,
+    )  # fmt: skip
+
+
 def start_gateway(name: str, config: dict[str, Any], workers: int, tmp: Path) -> TreeServer:
     port = free_port()
     config = {**config, "server": {"host": "127.0.0.1", "port": port, "workers": workers}}
@@ -387,18 +408,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-full-") as tmp_name:
         tmp = Path(tmp_name)
         try:
-            redis_port = free_port()
-            redis = subprocess.Popen(
-                ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", tmp_name],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            provider_port = free_port()
-            provider = start_server(
-                "provider", [*gateway_command(), "demo-provider", "--port", str(provider_port),
-                             *(STREAM_PACING if args.stream else [])],
-                f"http://127.0.0.1:{provider_port}", ready_path="/v1/models", log_dir=tmp,
-            )  # fmt: skip
+            redis, redis_url = start_redis(tmp)
+            provider = start_provider(tmp, stream=args.stream)
             started.append(provider)
             floor_port = free_port()
             floor = start_server(
@@ -408,7 +419,6 @@ def main() -> None:
             )  # fmt: skip
             started.append(floor)
             targets = [Target("provider (direct)", provider), Target("floor proxy", floor)]
-            redis_url = f"redis://127.0.0.1:{redis_port}/0"
             bare = bare_config(provider.url)
             started.append(start_gateway("gateway, all off, 1 worker", bare, 1, tmp))
             targets.append(Target("gateway, all off, 1 worker", started[-1]))

@@ -31,7 +31,15 @@ from typing import Any
 
 import yaml
 from common import REPO, Server, free_port, gateway_command, print_table, run_python, start_server
-from full_pipeline import STREAM_PACING, Features, bare_config, full_config, request_body, token
+from full_pipeline import (
+    Features,
+    bare_config,
+    full_config,
+    request_body,
+    start_provider,
+    start_redis,
+    token,
+)
 
 VALGRIND = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--dump-instr=no"]
 SECTIONS = ("audit", "auth", "limits", "policies", "redaction", "anomaly")
@@ -138,20 +146,10 @@ def main() -> None:
         tmp = Path(tmp_name)
         started: list[Any] = []
         try:
-            redis_port = free_port()
-            started.append(subprocess.Popen(
-                ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", tmp_name],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            ))  # fmt: skip
-            provider_port = free_port()
-            provider = start_server(
-                "provider", [*gateway_command(), "demo-provider", "--port", str(provider_port),
-                             *(STREAM_PACING if args.stream else [])],
-                f"http://127.0.0.1:{provider_port}", ready_path="/v1/models", log_dir=tmp,
-            )  # fmt: skip
+            redis, redis_url = start_redis(tmp)
+            started.append(redis)
+            provider = start_provider(tmp, stream=args.stream)
             started.append(provider)
-            redis_url = f"redis://127.0.0.1:{redis_port}/0"
             for name in names:
                 argv = target_argv(name, provider.url, redis_url, secret, tmp)
                 server, out = start_under_callgrind(name, argv, tmp)

@@ -59,13 +59,8 @@ from common import (
 )
 from faker import Faker
 
-from gateway.config import (
-    AuthSettings,
-    LimitSettings,
-    PolicySettings,
-    RedactionSettings,
-    Settings,
-)
+from gateway.config import LimitSettings, PolicySettings, RedactionSettings, Settings
+from gateway.config_auth import AuthSettings
 
 ISSUER = "https://bench-issuer.invalid"
 AUDIENCE = "llm-gateway"

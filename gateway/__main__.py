@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from gateway.cli import keys, policy, serve, soc
-from gateway.config import ConfigError
+from gateway.config_load import ConfigError
 
 TOPICS = (serve, soc, keys, policy)
 

@@ -1,34 +1,23 @@
-"""The one typed, frozen `Settings` object, and how it is built from YAML and the environment.
+"""The one typed, frozen `Settings` object and its sections.
 
-Owns every configuration option (type, safe default, one-line description), `${VAR}`
-substitution and `GATEWAY_*` overrides. Must not be read from anywhere but `__main__` (which
-builds it once) and must not log secrets: they are `SecretStr`.
+Owns every configuration option (type, safe default, one-line description); the
+authentication section lives in `gateway.config_auth`, reading YAML and the environment in
+`gateway.config_load`. Must not be read from anywhere but `__main__` (which builds it once)
+and must not log secrets: they are `SecretStr`.
 """
 
 from __future__ import annotations
 
-import os
-import re
-from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, SecretStr, field_validator, model_validator
 
+from gateway.config_auth import AuthSettings
+from gateway.config_base import Section
 from gateway.redaction_rules import RedactionRules
 
-DEFAULTS_DIR = Path(__file__).parent / "defaults"
-ENV_PREFIX = "GATEWAY_"
 NEVER_FORWARDED = frozenset({
     "authorization", "proxy-authorization", "api-key", "x-api-key", "cookie",
     "openai-organization", "openai-project", "host", "content-length", "content-type",
@@ -37,13 +26,6 @@ NEVER_FORWARDED = frozenset({
 })  # fmt: skip
 """Client headers no provider receives: credentials, cookies, hop-by-hop, the client's OpenAI
 organisation or project, and what the gateway sets itself."""
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-class Section(BaseModel):
-    """Base of every config section: frozen, and unknown keys are errors."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class ServerSettings(Section):
@@ -173,123 +155,6 @@ class RedisSettings(Section):
             raise ValueError("sentinels is required when mode is sentinel")
         if self.mode != "sentinel" and self.sentinels:
             raise ValueError("sentinels is only used when mode is sentinel")
-        return self
-
-
-JWT_ALGORITHMS = frozenset(
-    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
-     "EdDSA", "HS256", "HS384", "HS512"}
-)  # fmt: skip
-DEMO_HASH_KEY = "gateway-demo-hash-key-change-me"  # noqa: S105 - documented demo default
-
-
-class ClaimPaths(Section):
-    """Where each principal field is read from a token; the first path present wins.
-
-    A path is a claim name, or dotted (`realm_access.roles`) to reach into nested objects.
-    """
-
-    subject: tuple[str, ...] = Field(("sub",), description="Claims naming the caller.")
-    tenant: tuple[str, ...] = Field(("tid", "org_id", "tenant"), description="Tenant claims.")
-    roles: tuple[str, ...] = Field(
-        ("roles", "groups", "scope", "scp"), description="Role, group or scope claims."
-    )
-    models: tuple[str, ...] = Field(("models",), description="Allowed-model pattern claims.")
-    tier: tuple[str, ...] = Field(("tier",), description="Rate-limit tier claims.")
-
-
-class IssuerSettings(Section):
-    """One trusted identity provider: its `iss`, audience, algorithms and keys."""
-
-    issuer: str = Field(min_length=1, description="Expected `iss` claim.")
-    audience: tuple[str, ...] = Field(min_length=1, description="Accepted `aud` values.")
-    algorithms: tuple[str, ...] = Field(
-        ("RS256",), min_length=1, description="Accepted `alg` values (never taken from the token)."
-    )
-    secret: SecretStr | None = Field(None, description="HMAC shared secret (use ${VAR}).")
-    public_keys: dict[str, Path] = Field({}, description="PEM public key files by key id.")
-    jwks_file: Path | None = Field(None, description="JWKS file with the public keys.")
-    jwks_url: str | None = Field(None, description="JWKS URL fetched and cached.")
-    jwks_cache_seconds: float = Field(300.0, gt=0, description="Seconds a fetched JWKS is fresh.")
-    jwks_refresh_seconds: float = Field(
-        30.0, ge=0, description="Least seconds between fetches (an unknown kid triggers one)."
-    )
-    jwks_timeout: float = Field(5.0, gt=0, description="Seconds allowed for one JWKS fetch.")
-    required_claims: tuple[str, ...] = Field(("exp",), description="Claims a token must have.")
-    leeway: float = Field(30.0, ge=0, le=300, description="Clock skew allowed, in seconds.")
-    claims: ClaimPaths = ClaimPaths()
-
-    @model_validator(mode="after")
-    def _consistent(self) -> IssuerSettings:
-        unknown = [a for a in self.algorithms if a not in JWT_ALGORITHMS]
-        if unknown:
-            raise ValueError(f"unsupported algorithms {unknown} (`none` is never accepted)")
-        sources = [self.secret is not None, bool(self.public_keys), self.jwks_file is not None,
-                   self.jwks_url is not None]  # fmt: skip
-        if sum(sources) != 1:
-            raise ValueError("give exactly one of secret, public_keys, jwks_file, jwks_url")
-        hmac_algs = [a for a in self.algorithms if a.startswith("HS")]
-        if self.secret is None and hmac_algs:
-            raise ValueError("HMAC algorithms (HS*) are only accepted with a shared secret")
-        if self.secret is not None and len(hmac_algs) != len(self.algorithms):
-            raise ValueError("a shared secret only verifies HMAC algorithms (HS*)")
-        if self.secret is not None and len(self.secret.get_secret_value().encode()) < 32:
-            raise ValueError("the shared secret must be at least 32 bytes")
-        if self.jwks_url is not None and not _safe_jwks_url(self.jwks_url):
-            raise ValueError("jwks_url must be https:// (http:// only for loopback)")
-        return self
-
-
-def _safe_jwks_url(url: str) -> bool:
-    if url.startswith("https://"):
-        return True
-    loopback = ("http://127.0.0.1", "http://localhost", "http://[::1]")
-    return url.startswith(loopback)
-
-
-class AccessDefaults(Section):
-    """What a tenant or role may use when the key or token does not say."""
-
-    models: tuple[str, ...] | None = Field(None, description="Allowed model glob patterns.")
-    endpoints: tuple[str, ...] | None = Field(None, description="Allowed endpoint patterns.")
-
-
-class KeyStoreSettings(Section):
-    path: Path = Field(Path("var/keys.json"), description="Key file when no Redis is configured.")
-    hash_key: SecretStr = Field(
-        SecretStr(DEMO_HASH_KEY),
-        description="HMAC key for stored key hashes (set ${GATEWAY_KEY_HASH_KEY} in production).",
-    )
-    cache_seconds: float = Field(
-        2.0, gt=0, le=60, description="Longest a replica trusts a cached key lookup."
-    )
-
-
-class LockoutSettings(Section):
-    threshold: int = Field(10, ge=0, description="Failures per address before lockout (0: off).")
-    window_seconds: float = Field(60.0, gt=0, description="Window in which failures count.")
-    cooldown_seconds: float = Field(300.0, gt=0, description="Seconds a locked address waits.")
-
-
-class AuthSettings(Section):
-    mode: Literal["required", "disabled"] = Field(
-        "required", description="`disabled` lets anyone in (logged loudly at startup)."
-    )
-    issuers: tuple[IssuerSettings, ...] = Field((), description="Trusted JWT issuers.")
-    max_token_bytes: int = Field(8000, ge=256, le=65536, description="Largest accepted token.")
-    keys: KeyStoreSettings = KeyStoreSettings()
-    admin_role: str = Field("gateway-admin", min_length=1, description="Role for /admin.")
-    default_models: tuple[str, ...] = Field(("*",), description="Models allowed by default.")
-    default_endpoints: tuple[str, ...] = Field(("*",), description="Endpoints allowed by default.")
-    tenants: dict[str, AccessDefaults] = Field({}, description="Defaults per tenant.")
-    roles: dict[str, AccessDefaults] = Field({}, description="Defaults per role.")
-    lockout: LockoutSettings = LockoutSettings()
-
-    @model_validator(mode="after")
-    def _unique_issuers(self) -> AuthSettings:
-        names = [i.issuer for i in self.issuers]
-        if len(names) != len(set(names)):
-            raise ValueError("issuer values must be unique")
         return self
 
 
@@ -514,84 +379,3 @@ class Settings(Section):
         if len(seen) != len(set(seen)):
             raise ValueError("model names must be unique")
         return self
-
-
-class ConfigError(Exception):
-    """The configuration cannot be used; `problems` lists `path: message` lines."""
-
-    def __init__(self, source: str, problems: list[str]) -> None:
-        super().__init__(f"{source}: " + "; ".join(problems))
-        self.source = source
-        self.problems = problems
-
-
-def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Settings:
-    """Reads `path` (or the shipped default) and returns validated settings.
-
-    Raises `ConfigError` naming every bad key by its dotted path.
-    """
-    environ = os.environ if env is None else env
-    source = path or default_config_path(environ)
-    try:
-        text = source.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(str(source), [f"cannot read file: {exc.strerror}"]) from exc
-    try:
-        raw = yaml.safe_load(_substitute(text, environ)) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(str(source), [f"not valid YAML: {exc}"]) from exc
-    except KeyError as exc:
-        raise ConfigError(str(source), [f"environment variable {exc.args[0]} is not set"]) from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(str(source), ["the top level must be a mapping"])
-    _apply_overrides(raw, environ)
-    return _validate(raw, str(source))
-
-
-def default_config_path(env: Mapping[str, str]) -> Path:
-    """The shipped config: OpenAI when `OPENAI_API_KEY` is set, the demo provider otherwise."""
-    name = "openai.yaml" if env.get("OPENAI_API_KEY") else "demo.yaml"
-    return DEFAULTS_DIR / name
-
-
-def _validate(raw: dict[str, Any], source: str) -> Settings:
-    try:
-        return Settings.model_validate(raw)
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            where = ".".join(str(part) for part in error["loc"]) or "(top level)"
-            problems.append(f"{where}: {error['msg']}")
-        raise ConfigError(source, problems) from exc
-
-
-def _substitute(text: str, env: Mapping[str, str]) -> str:
-    """Replaces `${VAR}` and `${VAR:-default}`; a missing VAR without default is a KeyError."""
-
-    def value(match: re.Match[str]) -> str:
-        name, default = match.group(1), match.group(2)
-        if name in env:
-            return env[name]
-        if default is not None:
-            return default
-        raise KeyError(name)
-
-    lines = [line if line.lstrip().startswith("#") else _VAR.sub(value, line)
-             for line in text.splitlines()]  # fmt: skip
-    return "\n".join(lines)
-
-
-def _apply_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
-    """`GATEWAY_SERVER__PORT=9000` sets `server.port`; `__` separates levels."""
-    for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or "__" not in name:
-            continue
-        path = name[len(ENV_PREFIX) :].lower().split("__")
-        node = raw
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                break
-            node = child
-        else:
-            node[path[-1]] = yaml.safe_load(value)

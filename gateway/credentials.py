@@ -25,7 +25,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from gateway.config import AuthSettings, ClaimPaths, ConfigError, IssuerSettings
+from gateway.config_auth import AuthSettings, ClaimPaths, IssuerSettings
+from gateway.config_load import ConfigError
 from gateway.errors import CredentialError, ServiceUnavailableError
 from gateway.log import get_logger
 

@@ -28,7 +28,9 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, WatchError
 
-from gateway.config import DEMO_HASH_KEY, ConfigError, RedisSettings, Settings
+from gateway.config import RedisSettings, Settings
+from gateway.config_auth import DEMO_HASH_KEY
+from gateway.config_load import ConfigError
 from gateway.errors import (
     CredentialError,
     InvalidRequestError,

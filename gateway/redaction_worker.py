@@ -15,7 +15,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.config import ConfigError
+from gateway.config_load import ConfigError
 from gateway.redaction_rules import NER_ENTITIES
 from gateway.redaction_split import Job, RawFinding
 from gateway.secret_recognizers import SECRET_DETECTOR_ENTITIES, find_matches

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-from gateway.config import load_settings
+from gateway.config_load import load_settings
 from gateway.errors import GatewayError
 from gateway.keystore import ApiKey, KeySpec, KeyStore, open_key_store, parse_duration, parse_names
 from gateway.log import configure_logging, get_logger

@@ -19,7 +19,8 @@ from aiohttp import web
 from gateway import __version__
 from gateway.app import create_app
 from gateway.cli.workers import run_master
-from gateway.config import ConfigError, DemoSettings, ServerSettings, Settings, load_settings
+from gateway.config import DemoSettings, ServerSettings, Settings
+from gateway.config_load import ConfigError, load_settings
 from gateway.demo import DemoControl, start_demo
 from gateway.log import configure_logging, get_logger
 from gateway.routes import DRAINING

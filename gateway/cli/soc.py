@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gateway.audit_privacy import Pseudonymizer
 from gateway.audit_verify import read_lines, verify
-from gateway.config import load_settings
+from gateway.config_load import load_settings
 from gateway.soc_report import (
     build_report,
     parse_events,

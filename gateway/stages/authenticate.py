@@ -18,7 +18,7 @@ from fnmatch import fnmatchcase
 
 from gateway.audit import emit_security_event
 from gateway.catalog import model_allowed
-from gateway.config import AuthSettings, LockoutSettings
+from gateway.config_auth import AuthSettings, LockoutSettings
 from gateway.credentials import Claimed, TokenVerifier, looks_like_jwt
 from gateway.errors import AuthLockoutError, CredentialError, PermissionDeniedError
 from gateway.exchange import Exchange, Principal

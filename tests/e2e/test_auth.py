@@ -25,7 +25,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from gateway.config import DEFAULTS_DIR
+from gateway.config_load import DEFAULTS_DIR
 from gateway.keystore import FileKeyStore, KeySpec
 from tests.conftest import PROVIDER_KEY, base_config
 

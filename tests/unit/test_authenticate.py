@@ -8,7 +8,7 @@ import time
 import jwt
 import pytest
 
-from gateway.config import AuthSettings
+from gateway.config_auth import AuthSettings
 from gateway.credentials import TokenVerifier
 from gateway.errors import AuthLockoutError, CredentialError, PermissionDeniedError
 from gateway.exchange import Exchange

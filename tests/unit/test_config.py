@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gateway.__main__ import main
-from gateway.config import ConfigError, load_settings
+from gateway.config_load import ConfigError, load_settings
 
 GOOD = """
 providers:

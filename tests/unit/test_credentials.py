@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import ValidationError
 
 from gateway import credentials
-from gateway.config import AuthSettings, ClaimPaths, IssuerSettings
+from gateway.config_auth import AuthSettings, ClaimPaths, IssuerSettings
 from gateway.credentials import (
     JwksUnavailableError,
     RemoteJwks,

@@ -14,7 +14,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from gateway.config import Settings, load_settings
+from gateway.config import Settings
+from gateway.config_load import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

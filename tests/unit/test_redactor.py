@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from gateway.config import ConfigError, RedactionSettings
+from gateway.config import RedactionSettings
+from gateway.config_load import ConfigError
 from gateway.errors import PayloadTooLargeError, ServiceUnavailableError
 from gateway.redaction_rules import NER_ENTITIES, EntityRule, RedactionRules, default_entities
 from gateway.redaction_worker import build_analyzer

@@ -256,8 +256,7 @@ class AnomalyDetector:
             return  # a young identity: no request of this minute can be scored or checked
         counts = minute_counts(run, batch, visited) if established else []
         first_added = new_members(run, visited) if established else {}
-        hour = int(batch[run.positions[0]].at // 3600) % 24
-        at_hour, total = hours[hour], sum(hours)
+        at_hour, total = hours[run.hour], sum(hours)
         for request, position in enumerate(run.positions):
             obs, hits = batch[position], list[Anomaly]()
             if established:

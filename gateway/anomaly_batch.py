@@ -45,6 +45,11 @@ class Run:
         return f"{self.kind}:{self.ident}"
 
     @property
+    def hour(self) -> int:
+        """The hour of the day (UTC) of the run's minute."""
+        return self.minute // 60 % 24
+
+    @property
     def seen(self) -> tuple[Seen, ...]:
         return self.visit.seen if self.visit is not None else ()
 
@@ -85,7 +90,7 @@ def plan(
     for run in runs:
         run.visit, run.firsts = _visit(run, batch, first_use)
         at = batch[run.positions[0]].at
-        result.steps.append(Step((run.visit,), run.minute, int(at // 3600) % 24, at))
+        result.steps.append(Step((run.visit,), run.minute, run.hour, at))
         result.owners.append(run)
     for position, windows in window_steps:
         at = batch[position].at

@@ -13,6 +13,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway.anomaly import AnomalyDetector, open_store
+from gateway.api_keys import KeyStore
 from gateway.audit import EventContext, close_writer, open_writer
 from gateway.audit_privacy import Pseudonymizer
 from gateway.catalog import Catalog
@@ -21,7 +22,7 @@ from gateway.credentials import TokenVerifier
 from gateway.demo import DemoControl, bound_port, start_demo
 from gateway.errors import NotFoundError
 from gateway.exchange import Exchange, JsonReply, Reply
-from gateway.keystore import KeyStore, open_key_store
+from gateway.keystore import open_key_store
 from gateway.limiter import Limiter
 from gateway.log import get_logger
 from gateway.middlewares import AUDIT_REFUSED, http_edge

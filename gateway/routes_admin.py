@@ -13,11 +13,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway.api_keys import KeySpec, KeyStore, parse_duration, parse_names
 from gateway.audit import emit_security_event
 from gateway.credentials import TokenVerifier
 from gateway.errors import InvalidRequestError, PermissionDeniedError
 from gateway.exchange import Principal
-from gateway.keystore import KeySpec, KeyStore, parse_duration, parse_names
 from gateway.routes import PIPELINE, client_address, parse_json_object
 from gateway.stages.authenticate import Authenticate
 

@@ -16,9 +16,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
+from gateway.api_keys import ApiKey, KeySpec, KeyStore, parse_duration, parse_names
 from gateway.config_load import load_settings
 from gateway.errors import GatewayError
-from gateway.keystore import ApiKey, KeySpec, KeyStore, open_key_store, parse_duration, parse_names
+from gateway.keystore import open_key_store
 from gateway.log import configure_logging, get_logger
 
 _T = TypeVar("_T")

@@ -25,8 +25,9 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from gateway.api_keys import KeySpec
 from gateway.config_load import DEFAULTS_DIR
-from gateway.keystore import FileKeyStore, KeySpec
+from gateway.keystore import FileKeyStore
 from tests.conftest import PROVIDER_KEY, base_config
 
 AUDIENCE = "llm-gateway"

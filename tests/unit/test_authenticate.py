@@ -8,11 +8,11 @@ import time
 import jwt
 import pytest
 
+from gateway.api_keys import ApiKey
 from gateway.config_auth import AuthSettings
 from gateway.credentials import TokenVerifier
 from gateway.errors import AuthLockoutError, CredentialError, PermissionDeniedError
 from gateway.exchange import Exchange
-from gateway.keystore import ApiKey
 from gateway.stages.authenticate import Authenticate, credential_from, truncated_address
 
 RNG = random.Random(7)

@@ -7,17 +7,10 @@ import time
 
 import pytest
 
+from gateway.api_keys import KEY_SHAPE, KeySpec, looks_like_key, parse_duration, parse_names
 from gateway.config import Settings
 from gateway.errors import CredentialError, NotFoundError, ServiceUnavailableError
-from gateway.keystore import (
-    KEY_SHAPE,
-    FileKeyStore,
-    KeySpec,
-    looks_like_key,
-    open_key_store,
-    parse_duration,
-    parse_names,
-)
+from gateway.keystore import FileKeyStore, open_key_store
 
 HASH_KEY = b"unit-test-hash-key"
 

@@ -3,8 +3,9 @@
 Owns pyjwt and the JWKS documents: per-issuer algorithm allow-lists (`none` never, HMAC only
 with a shared secret), keys from a secret, PEM files, a JWKS file or a JWKS URL (cached,
 refreshed at a limited rate on an unknown `kid`, last good set kept while the IdP is down), the
-token size cap, and mapping claims to a `Claimed` identity. Must not decide what a caller may
-use (the `Authenticate` stage does) and must never log or echo a token.
+token size cap, and the cache of verified tokens; the claims become a `Claimed` identity in
+`gateway.claims`. Must not decide what a caller may use (the `Authenticate` stage does) and
+must never log or echo a token.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from gateway.config_auth import AuthSettings, ClaimPaths, IssuerSettings
+from gateway.claims import Claimed, claimed_from
+from gateway.config_auth import AuthSettings, IssuerSettings
 from gateway.config_load import ConfigError
 from gateway.errors import CredentialError, ServiceUnavailableError
 from gateway.log import get_logger
@@ -53,18 +55,6 @@ def valid_kid(kid: object) -> bool:
 def looks_like_jwt(credential: str) -> bool:
     """Whether `credential` has the compact JWS form (three base64url segments)."""
     return JWT_SHAPE.match(credential) is not None
-
-
-@dataclass(frozen=True, slots=True)
-class Claimed:
-    """Who a verified token says the caller is; `models` is None when the token is silent."""
-
-    subject: str
-    issuer: str
-    tenant: str | None = None
-    roles: tuple[str, ...] = ()
-    models: tuple[str, ...] | None = None
-    tier: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,54 +384,3 @@ def _decode(token: str, key: VerificationKey, alg: str, issuer: IssuerSettings) 
             if isinstance(exc, kind):
                 raise _reject(message, reason) from exc
         raise _reject("The token is invalid.", "invalid") from exc
-
-
-def claimed_from(claims: Mapping[str, Any], paths: ClaimPaths, issuer: str) -> Claimed:
-    """Maps verified claims to an identity through the configured claim paths."""
-    subject = _text(_first(claims, paths.subject))
-    if subject is None:
-        raise _reject("The token names no subject (sub).", "no_subject")
-    models = _first(claims, paths.models)
-    return Claimed(
-        subject=subject,
-        issuer=issuer,
-        tenant=_text(_first(claims, paths.tenant)),
-        roles=_names(_first(claims, paths.roles)),
-        models=_names(models) if models is not None else None,
-        tier=_text(_first(claims, paths.tier)),
-    )
-
-
-def _first(claims: Mapping[str, Any], paths: tuple[str, ...]) -> Any:
-    for path in paths:
-        value = _lookup(claims, path)
-        if value is not None:
-            return value
-    return None
-
-
-def _lookup(claims: Mapping[str, Any], path: str) -> Any:
-    """A claim by exact name (URL-style names included), else by dotted path."""
-    if path in claims:
-        return claims[path]
-    node: Any = claims
-    for part in path.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def _text(value: Any) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        return None
-    return str(value) or None
-
-
-def _names(value: Any) -> tuple[str, ...]:
-    """A list of strings, or a space- or comma-separated string (OAuth `scope`)."""
-    if isinstance(value, str):
-        return tuple(n for n in re.split(r"[\s,]+", value) if n)
-    if isinstance(value, list):
-        return tuple(str(n) for n in value if isinstance(n, str | int))
-    return ()

@@ -19,8 +19,9 @@ from fnmatch import fnmatchcase
 from gateway.api_keys import ApiKey, KeyStore, looks_like_key
 from gateway.audit import emit_security_event
 from gateway.catalog import model_allowed
+from gateway.claims import Claimed
 from gateway.config_auth import AuthSettings, LockoutSettings
-from gateway.credentials import Claimed, TokenVerifier, looks_like_jwt
+from gateway.credentials import TokenVerifier, looks_like_jwt
 from gateway.errors import AuthLockoutError, CredentialError, PermissionDeniedError
 from gateway.exchange import Exchange, Principal
 from gateway.log import get_logger

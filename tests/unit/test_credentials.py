@@ -15,12 +15,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import ValidationError
 
 from gateway import credentials
+from gateway.claims import claimed_from
 from gateway.config_auth import AuthSettings, ClaimPaths, IssuerSettings
 from gateway.credentials import (
     JwksUnavailableError,
     RemoteJwks,
     TokenVerifier,
-    claimed_from,
     looks_like_jwt,
     parse_jwks,
 )

@@ -254,8 +254,8 @@ class AnomalyDetector:
         hours, first = visited.hours
         if not established and (run.minute + 1) * 60 - first <= self._hour_after:
             return  # a young identity: no request of this minute can be scored or checked
-        counts = minute_counts(run, batch, visited) if established else []
         first_added = new_members(run, visited) if established else {}
+        counts = minute_counts(run, batch, visited, first_added) if established else []
         at_hour, total = hours[run.hour], sum(hours)
         for request, position in enumerate(run.positions):
             obs, hits = batch[position], list[Anomaly]()

@@ -135,12 +135,17 @@ def _visit(run: Run, batch: Sequence[Observation], first_use: bool) -> tuple[Vis
 
 
 def minute_counts(
-    run: Run, batch: Sequence[Observation], visited: Visited
+    run: Run, batch: Sequence[Observation], visited: Visited, added_by: dict[int, set[str]]
 ) -> list[dict[str, float]]:
     """Each request's minute counts right after it, as one-by-one reads would have found
-    them: the counts after the run, less the run's own, plus what came up to the request."""
+    them: the counts after the run, less the run's own, plus what came up to the request.
+    `added_by` is `new_members` of the run: a request adds one to `models` when it was the
+    first to add a new member to the minute's set of models (it has one model at most)."""
     assert run.visit is not None  # noqa: S101 - a planned run has its visit
-    models = _new_models(run, visited)
+    new_model = run.visit.new_model
+    models = [
+        float(new_model in added_by.get(request, ())) for request in range(len(run.positions))
+    ]
     after = visited.rolled.current
     running = {name: after.get(name, 0.0) - run.visit.counts[name] for name in ADDED}
     running["models"] = after.get("models", 0.0) - sum(models)
@@ -151,16 +156,6 @@ def minute_counts(
         running["models"] += models[request]
         found.append(dict(running))
     return found
-
-
-def _new_models(run: Run, visited: Visited) -> list[float]:
-    """Per request (index in the run), the new models it added to the minute's count."""
-    models = [0.0] * len(run.positions)
-    new_model = run.visit.new_model if run.visit is not None else None
-    for (key, _, _), new, request in zip(run.seen, visited.new, run.firsts, strict=True):
-        if new and key == new_model:
-            models[request] += 1.0
-    return models
 
 
 def new_members(run: Run, visited: Visited) -> dict[int, set[str]]:

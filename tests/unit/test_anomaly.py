@@ -498,8 +498,8 @@ async def test_each_request_of_a_run_reads_what_it_reads_alone(store_url):
             if isinstance(run, int):
                 continue
             visited = reading.visited[0]
-            counts = minute_counts(run, batch, visited)
             added = new_members(run, visited)
+            counts = minute_counts(run, batch, visited, added)
             hours, _ = visited.hours
             hour = int(batch[run.positions[0]].at // 3600) % 24
             runs += len(run.positions) > 1

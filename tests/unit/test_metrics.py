@@ -1,4 +1,4 @@
-"""The request path's `Observer` and `incrementer` against prometheus_client's public API.
+"""The request path's `observer` and `incrementer` against prometheus_client's public API.
 
 They write to prometheus_client's value objects directly; if a release of the library changes
 how a histogram keeps its buckets, these tests fail instead of the metrics going wrong.

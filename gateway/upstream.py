@@ -12,7 +12,7 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +77,20 @@ class Target:
         return cls(name, base_url.rstrip("/"), settings, exact, prefixes)
 
 
+class ProviderRequest(aiohttp.ClientRequest):
+    """aiohttp's request, without its `User-Agent`: the provider learns nothing of the
+    gateway's software (a client's own `User-Agent` goes when `forward_headers` names it).
+
+    `skip_auto_headers` would do the same at the cost of two header-dict copies per request.
+    """
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        headers = self.headers
+        for name, value in self.DEFAULT_HEADERS.items():
+            if name not in headers:
+                headers[name] = value
+
+
 def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
     """The timeouts aiohttp enforces: connect, the total deadline (which also covers reading
     the body or stream), and the longest silence on the socket, max(first_byte, idle).
@@ -113,7 +127,7 @@ class UpstreamClient:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=pool, ttl_dns_cache=300),
             auto_decompress=True,
-            skip_auto_headers=("User-Agent",),
+            request_class=ProviderRequest,
             json_serialize=lambda value: orjson.dumps(value).decode(),
         )
 

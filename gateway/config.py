@@ -58,7 +58,11 @@ class ServerSettings(Section):
 class Timeouts(Section):
     connect: float = Field(5.0, gt=0, description="Seconds to open a connection.")
     first_byte: float = Field(60.0, gt=0, description="Seconds until response headers arrive.")
-    idle: float = Field(30.0, gt=0, description="Longest silence between stream chunks.")
+    idle: float = Field(
+        30.0, gt=0,
+        description="Longest silence between stream chunks; also the longest wait for the "
+        "rest of a non-stream body once its headers came.",
+    )  # fmt: skip
     total: float = Field(600.0, gt=0, description="Longest whole request to the provider.")
 
 

@@ -37,7 +37,8 @@ class Fault:
     """A scripted misbehaviour for the next request.
 
     status: answer with this status and `body`; die_after: send this many stream chunks then
-    drop the connection; hang: never answer; delay: seconds to wait before answering.
+    drop the connection; hang: never answer; stall_body: send the headers and half of a
+    non-stream answer, then nothing more; delay: seconds to wait before answering.
     """
 
     status: int | None = None
@@ -45,6 +46,7 @@ class Fault:
     headers: dict[str, str] = field(default_factory=dict)
     die_after: int | None = None
     hang: bool = False
+    stall_body: bool = False
     delay: float = 0.0
 
 
@@ -94,6 +96,21 @@ def create_demo_app(control: DemoControl | None = None) -> web.Application:
     return app
 
 
+async def _answer(
+    request: web.Request, payload: dict[str, Any], fault: Fault | None
+) -> web.StreamResponse:
+    """A non-stream answer; with `stall_body`, its first half only, then silence."""
+    if fault is None or not fault.stall_body:
+        return web.json_response(payload)
+    raw = json.dumps(payload).encode()
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    response.content_length = len(raw)
+    await response.prepare(request)
+    await response.write(raw[: len(raw) // 2])
+    await asyncio.sleep(3600)
+    return response
+
+
 class _Handler:
     def __init__(self, control: DemoControl) -> None:
         self.control = control
@@ -118,7 +135,7 @@ class _Handler:
         if body.get("stream"):
             events = wire.chat_chunks(body, reply, call, self._size(body))
             return await self._stream(request, events, fault)
-        return web.json_response(wire.chat_completion(body, reply.text, call))
+        return await _answer(request, wire.chat_completion(body, reply.text, call), fault)
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
         body, fault = await self._begin(request)
@@ -128,7 +145,7 @@ class _Handler:
         if body.get("stream"):
             events = wire.response_events(body, reply, self._size(body))
             return await self._stream(request, events, fault)
-        return web.json_response(wire.response_object(body, reply.text, "completed"))
+        return await _answer(request, wire.response_object(body, reply.text, "completed"), fault)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body, fault = await self._begin(request)
@@ -139,13 +156,13 @@ class _Handler:
         if body.get("stream"):
             events = wire.completion_chunks(body, reply, self._size(body))
             return await self._stream(request, events, fault)
-        return web.json_response(wire.text_completion(body, reply.text))
+        return await _answer(request, wire.text_completion(body, reply.text), fault)
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         body, fault = await self._begin(request)
         if fault and fault.status:
             return _fault_response(fault)
-        return web.json_response(wire.embeddings(body))
+        return await _answer(request, wire.embeddings(body), fault)
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [wire.model_object("demo")]})

@@ -21,6 +21,7 @@ import orjson
 
 from gateway import metrics
 from gateway.config import ProviderSettings, Settings, Timeouts
+from gateway.deadlines import DeadlineWatch
 from gateway.errors import (
     GatewayError,
     NotFoundError,
@@ -92,22 +93,16 @@ class ProviderRequest(aiohttp.ClientRequest):
 
 
 def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
-    """The timeouts aiohttp enforces: connect, the total deadline (which also covers reading
-    the body or stream), and the longest silence on the socket, max(first_byte, idle).
-
-    Whichever of first_byte and idle is the larger is thus enforced by aiohttp for free; only
-    the smaller needs a timer of ours (`own_first_byte_timer`, or for streams
-    `upstream_stream.own_idle_timer`).
+    """The timeouts aiohttp enforces: connect, and the total deadline (which also covers
+    reading the body or stream). The waits for headers (`first_byte`), for a whole body and
+    between stream chunks (`idle`) are ours (`DeadlineWatch`, `upstream_stream.IdleWatch`):
+    aiohttp's socket read timeout would re-arm a loop timer for every chunk received.
     `ceil_threshold=inf` keeps deadlines exact (aiohttp would round long ones up a second).
     """
     return aiohttp.ClientTimeout(
         total=timeouts.total, connect=timeouts.connect, sock_connect=timeouts.connect,
-        sock_read=max(timeouts.first_byte, timeouts.idle), ceil_threshold=math.inf,
+        ceil_threshold=math.inf,
     )  # fmt: skip
-
-
-def own_first_byte_timer(timeouts: Timeouts) -> bool:
-    return timeouts.first_byte < min(timeouts.idle, timeouts.total)
 
 
 class UpstreamClient:
@@ -123,6 +118,7 @@ class UpstreamClient:
             name: client_timeout(p.timeouts) for name, p in settings.providers.items()
         }
         self._fallback_models = {m.name: dict(m.fallback_models) for m in settings.models}
+        self._deadlines = DeadlineWatch()
         pool = max(p.max_connections for p in settings.providers.values())
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=pool, ttl_dns_cache=300),
@@ -182,10 +178,7 @@ class UpstreamClient:
             request = self._session.post(
                 url, data=data, headers=headers, timeout=self._timeouts[target.name]
             )
-            if own_first_byte_timer(timeouts):
-                async with asyncio.timeout(timeouts.first_byte):
-                    response = await request
-            else:  # aiohttp's socket read timeout is exactly first_byte here
+            with self._deadlines.within(timeouts.first_byte):
                 response = await request
         except TimeoutError as exc:
             raise counted(
@@ -199,13 +192,29 @@ class UpstreamClient:
         )
         returned = _returned_headers(response.headers)
         if response.status >= 400:
-            body = await _read_all(response, target)
+            body = await self._read_all(response, target)
             raise counted(target.name, "status", _status_error(response, body, returned))
         if exchange.is_stream and response.content_type == "text/event-stream":
             return stream_reply(response, returned, target.name, timeouts, exchange.timings)
-        raw = await _read_all(response, target)
+        raw = await self._read_all(response, target)
         exchange.timings.upstream_done = time.perf_counter()
         return JsonReply(response.status, returned, raw)
+
+    async def _read_all(self, response: aiohttp.ClientResponse, target: Target) -> bytes:
+        """The whole body, within `idle` of its headers and the request's total deadline."""
+        try:
+            if response.content.is_eof():  # it came with the headers: nothing to wait for
+                return await response.read()
+            with self._deadlines.within(target.settings.timeouts.idle):
+                return await response.read()
+        except TimeoutError as exc:
+            raise counted(
+                target.name, "timeout", UpstreamTimeoutError(_timeout_message(target))
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise counted(target.name, "connect", UpstreamError(_connect_message(target))) from exc
+        finally:
+            response.release()
 
     def _request_for(self, exchange: Exchange, target: Target) -> tuple[str, dict[str, str], bytes]:
         settings = target.settings
@@ -265,20 +274,6 @@ def _returned_headers(upstream: Mapping[str, str]) -> dict[str, str]:
         ours: upstream[theirs] for theirs, ours in RETURNED_RESPONSE_HEADERS.items()
         if theirs in upstream
     }  # fmt: skip
-
-
-async def _read_all(response: aiohttp.ClientResponse, target: Target) -> bytes:
-    """The whole body, within the request's total deadline (enforced by aiohttp)."""
-    try:
-        return await response.read()
-    except TimeoutError as exc:
-        raise counted(
-            target.name, "timeout", UpstreamTimeoutError(_timeout_message(target))
-        ) from exc
-    except aiohttp.ClientError as exc:
-        raise counted(target.name, "connect", UpstreamError(_connect_message(target))) from exc
-    finally:
-        response.release()
 
 
 def _status_error(

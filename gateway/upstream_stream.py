@@ -25,7 +25,8 @@ _T_co = TypeVar("_T_co", covariant=True)
 
 
 def own_idle_timer(timeouts: Timeouts) -> bool:
-    return timeouts.idle < timeouts.first_byte
+    """Whether `idle` needs watching: a limit no shorter than `total` is aiohttp's."""
+    return timeouts.idle < timeouts.total
 
 
 def stream_reply(
@@ -61,7 +62,6 @@ async def _read(
     """Yields what `parser` makes of the chunks as they arrive (events, or whole-event
     pieces); an idle gap or the total deadline (aiohttp's) ends it with 504."""
     content = response.content
-    # Else aiohttp's socket timeout is exactly `idle`.
     watch = IdleWatch(content, timeouts.idle) if own_idle_timer(timeouts) else None
     try:
         while True:

@@ -352,6 +352,24 @@ async def test_first_byte_limit_holds_whichever_enforces_it(provider, start_gate
     assert caught.value.status_code == 504
 
 
+async def test_idle_limit_bounds_a_non_stream_body_after_its_headers(provider, start_gateway):
+    """Headers came in time, then half the body and silence: `idle` ends the wait with 504
+    long before `total`, and the next request is answered."""
+    config = base_config(provider)
+    config["providers"]["fake"]["timeouts"] = {"first_byte": 5, "idle": 0.3, "total": 60}
+    config["providers"]["fake"]["retries"] = {"attempts": 0}
+    gw = await start_gateway(config)
+    provider.fail(Fault(stall_body=True))
+    started = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as caught:
+        await gw.client(max_retries=0).chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    assert caught.value.status_code == 504
+    assert caught.value.code == "upstream_timeout"
+    assert time.monotonic() - started < 3
+    answer = await gw.client().chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    assert answer.choices[0].message.content
+
+
 async def stream_times_out(gw: RunningGateway) -> None:
     """A stream through `gw` ends with the SDK raising `upstream_timeout`."""
     stream = await gw.client().chat.completions.create(

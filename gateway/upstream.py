@@ -180,12 +180,8 @@ class UpstreamClient:
             )
             with self._deadlines.within(timeouts.first_byte):
                 response = await request
-        except TimeoutError as exc:
-            raise counted(
-                target.name, "timeout", UpstreamTimeoutError(_timeout_message(target))
-            ) from exc
-        except aiohttp.ClientError as exc:
-            raise counted(target.name, "connect", UpstreamError(_connect_message(target))) from exc
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _failure(target, exc) from exc
         exchange.timings.upstream_headers = time.perf_counter()
         metrics.observer(metrics.UPSTREAM_SECONDS, target.name)(
             exchange.timings.upstream_headers - exchange.timings.upstream_sent
@@ -207,12 +203,8 @@ class UpstreamClient:
                 return await response.read()
             with self._deadlines.within(target.settings.timeouts.idle):
                 return await response.read()
-        except TimeoutError as exc:
-            raise counted(
-                target.name, "timeout", UpstreamTimeoutError(_timeout_message(target))
-            ) from exc
-        except aiohttp.ClientError as exc:
-            raise counted(target.name, "connect", UpstreamError(_connect_message(target))) from exc
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _failure(target, exc) from exc
         finally:
             response.release()
 
@@ -274,6 +266,13 @@ def _returned_headers(upstream: Mapping[str, str]) -> dict[str, str]:
         ours: upstream[theirs] for theirs, ours in RETURNED_RESPONSE_HEADERS.items()
         if theirs in upstream
     }  # fmt: skip
+
+
+def _failure(target: Target, exc: TimeoutError | aiohttp.ClientError) -> GatewayError:
+    """A request that timed out (504) or could not be sent or read (502), counted."""
+    if isinstance(exc, TimeoutError):
+        return counted(target.name, "timeout", UpstreamTimeoutError(_timeout_message(target)))
+    return counted(target.name, "connect", UpstreamError(_connect_message(target)))
 
 
 def _status_error(

@@ -25,7 +25,7 @@ from gateway.exchange import Exchange, JsonReply, Reply
 from gateway.keystore import open_key_store
 from gateway.limiter import Limiter
 from gateway.log import get_logger
-from gateway.middlewares import AUDIT_REFUSED, http_edge
+from gateway.middlewares import AUDIT_REFUSED, add_unknown_route, edge
 from gateway.pipeline import Pipeline, Stage
 from gateway.policies import PolicySet
 from gateway.policy_store import PolicyStore
@@ -80,7 +80,6 @@ def build_stages(
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
-        middlewares=[http_edge],
         client_max_size=settings.server.max_body_bytes,
     )
     app[SETTINGS] = settings
@@ -90,8 +89,9 @@ def create_app(settings: Settings) -> web.Application:
     app[RENDER_METRICS] = _metrics_renderer(settings)
     app[DEMO_CONTROLS] = {}
     app[DEMO_PORTS] = {}
-    add_routes(app)
-    add_admin_routes(app)
+    add_routes(app, edge)
+    add_admin_routes(app, edge)
+    add_unknown_route(app)
     app.cleanup_ctx.append(_demo_providers)
     app.cleanup_ctx.append(_audit)
     app.cleanup_ctx.append(_limiter)

@@ -1,7 +1,7 @@
 """Every error the gateway can answer with, rooted at `GatewayError`.
 
 Owns the status, OpenAI `type` and `code` of each failure and its OpenAI-shaped JSON body.
-Must not render HTTP responses (the `http_edge` middleware does) nor hold secrets or prompt
+Must not render HTTP responses (`http_edge`, around every route, does) nor hold secrets or prompt
 text in messages.
 """
 

@@ -1,13 +1,21 @@
 """HTTP concerns around every handler: request id and log context, HTTP metrics, error rendering.
 
-Owns turning any failure into OpenAI's error shape in one place. Must not read or change
-request or response bodies, nor streams.
+Owns turning any failure into OpenAI's error shape in one place, and the catch-all route that
+answers unknown paths and methods with it. Must not read or change request or response
+bodies, nor streams.
+
+`http_edge` wraps each route's handler (`edge`) rather than being an aiohttp middleware: with
+any middleware, aiohttp also runs one of its own per request (and looks up the cached chain),
+and a streaming response resumes every coroutine between the task and the stream's reader for
+each event it writes, so each layer is paid per event. A route without `edge` has no error
+rendering, metrics or request id.
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import orjson
 import structlog
@@ -25,16 +33,49 @@ from gateway.errors import (
 )
 from gateway.exchange import Exchange
 from gateway.log import get_logger
-from gateway.routes import CATALOG, EXCHANGE, REQUEST_ID, refused_exchange, request_id_of
+from gateway.routes import (
+    CATALOG,
+    EXCHANGE,
+    REQUEST_ID,
+    Handler,
+    refused_exchange,
+    request_id_of,
+)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 AUDIT_REFUSED: web.AppKey[Callable[[Exchange], None]] = web.AppKey("audit_refused")
 """Records the audit event of a request refused before the pipeline (bad JSON, 404, 413...)."""
 log = get_logger("gateway.http")
 _ENTERED = metrics.incrementer(metrics.IN_FLIGHT)
 
 
-@web.middleware
+UNKNOWN_ROUTE = "unknown"
+
+
+def edge(handler: Handler) -> Handler:
+    """`handler` behind `http_edge`: the route's handler is `http_edge` itself, so the edge
+    adds no coroutine of its own."""
+    return functools.partial(http_edge, handler=handler)
+
+
+def add_unknown_route(app: web.Application) -> None:
+    """Every path and method no other route serves (add it last): 404, or 405 when the path
+    is served with other methods."""
+    app.router.add_route("*", "/{tail:.*}", edge(_unknown), name=UNKNOWN_ROUTE)
+
+
+async def _unknown(request: web.Request) -> web.StreamResponse:
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource.name != UNKNOWN_ROUTE:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        raise MethodNotAllowedError(
+            f"Method {request.method} is not allowed on this path.",
+            headers={"Allow": ", ".join(sorted(allowed))},
+        )
+    raise NotFoundError("Unknown request URL. This gateway serves the OpenAI API under /v1/.")
+
+
 async def http_edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every request's edge: assigns the request id (bound to every log line, returned as a
     header), counts the request by route, model and status, tracks in-flight and overhead,
@@ -76,7 +117,7 @@ async def http_edge(request: web.Request, handler: Handler) -> web.StreamRespons
 def _observe(request: web.Request, status: int) -> None:
     exchange = request.get(EXCHANGE)
     if exchange is None:
-        route = "ops" if request.match_info.route.resource is not None else "unmatched"
+        route = "unmatched" if request.match_info.route.name == UNKNOWN_ROUTE else "ops"
         metrics.incrementer(metrics.REQUESTS, route, "", str(status))(1)
         return
     exchange.timings.finished = time.perf_counter()
@@ -115,10 +156,6 @@ def _translate_http(exc: web.HTTPException) -> GatewayError:
         return PayloadTooLargeError(
             "The request body is larger than this gateway accepts. Send a smaller request."
         )
-    if isinstance(exc, web.HTTPMethodNotAllowed):
-        return MethodNotAllowedError(f"Method {exc.method} is not allowed on this path.")
-    if isinstance(exc, web.HTTPNotFound):
-        return NotFoundError("Unknown request URL. This gateway serves the OpenAI API under /v1/.")
     return InvalidRequestError(exc.reason or "The request could not be handled.")
 
 

@@ -26,6 +26,9 @@ from gateway.exchange import Exchange, JsonReply, Reply, StreamReply
 from gateway.log import get_logger
 from gateway.pipeline import Pipeline
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Wrap = Callable[[Handler], Handler]
+"""Puts a handler behind the HTTP edge (`middlewares.edge`)."""
 ReadyCheck = Callable[[], Awaitable[str | None]]
 """Returns None when a dependency is fine, else a short reason."""
 
@@ -53,14 +56,14 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 log = get_logger("gateway.routes")
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(app: web.Application, wrap: Wrap) -> None:
     for path in PROXY_ENDPOINTS:
-        app.router.add_post(path, proxy)
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/v1/models/{model}", get_model)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_endpoint)
+        app.router.add_post(path, wrap(proxy))
+    app.router.add_get("/v1/models", wrap(list_models))
+    app.router.add_get("/v1/models/{model}", wrap(get_model))
+    app.router.add_get("/healthz", wrap(healthz))
+    app.router.add_get("/readyz", wrap(readyz))
+    app.router.add_get("/metrics", wrap(metrics_endpoint))
 
 
 def request_id_of(request: web.Request) -> str:

@@ -18,7 +18,7 @@ from gateway.audit import emit_security_event
 from gateway.credentials import TokenVerifier
 from gateway.errors import InvalidRequestError, PermissionDeniedError
 from gateway.exchange import Principal
-from gateway.routes import PIPELINE, client_address, parse_json_object
+from gateway.routes import PIPELINE, Wrap, client_address, parse_json_object
 from gateway.stages.authenticate import Authenticate
 
 KEY_STORE = web.AppKey("key_store", KeyStore)
@@ -27,12 +27,12 @@ DEFAULT_GRACE = "1h"
 _LIST_FIELDS = ("roles", "models", "endpoints")
 
 
-def add_admin_routes(app: web.Application) -> None:
-    app.router.add_post("/admin/keys", create_key)
-    app.router.add_get("/admin/keys", list_keys)
-    app.router.add_get("/admin/keys/{key_id}", show_key)
-    app.router.add_delete("/admin/keys/{key_id}", revoke_key)
-    app.router.add_post("/admin/keys/{key_id}/rotate", rotate_key)
+def add_admin_routes(app: web.Application, wrap: Wrap) -> None:
+    app.router.add_post("/admin/keys", wrap(create_key))
+    app.router.add_get("/admin/keys", wrap(list_keys))
+    app.router.add_get("/admin/keys/{key_id}", wrap(show_key))
+    app.router.add_delete("/admin/keys/{key_id}", wrap(revoke_key))
+    app.router.add_post("/admin/keys/{key_id}/rotate", wrap(rotate_key))
 
 
 async def create_key(request: web.Request) -> web.Response:

@@ -178,6 +178,19 @@ async def test_unknown_paths_are_openai_shaped_404s(gateway, path, exception):
     assert caught.value.body["type"] == "invalid_request_error"
 
 
+async def test_a_known_path_with_the_wrong_method_is_an_openai_shaped_405(gateway):
+    async with aiohttp.ClientSession() as http:
+        response = await http.get(gateway.url + "/v1/chat/completions")
+        body = await response.json()
+        metrics = await (await http.get(gateway.url + "/metrics")).text()
+    assert response.status == 405
+    assert response.headers["Allow"] == "POST"
+    assert response.headers["x-request-id"].startswith("req_")
+    assert body["error"]["code"] == "method_not_allowed"
+    assert body["error"]["type"] == "invalid_request_error"
+    assert 'gateway_requests_total{model="",route="unmatched",status="405"} 1.0' in metrics
+
+
 async def test_invalid_json_is_400_with_openai_shape(gateway):
     async with aiohttp.ClientSession() as http:
         response = await http.post(gateway.url + "/v1/chat/completions", data=b"{not json")

@@ -31,10 +31,22 @@ class DeadlineWatch:
         self._expired: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._due = math.inf
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def within(self, seconds: float) -> Wait:
         """A context for one wait of the current task: `TimeoutError` after `seconds`."""
         return Wait(self, seconds)
+
+    def current_task(self) -> asyncio.Task[Any]:
+        """The running task, found through the loop kept from the first call (Python 3.11's
+        `asyncio.current_task()` makes a getpid system call to find the loop)."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            loop = self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
+        if task is None:
+            raise RuntimeError("a deadline needs a task")
+        return task
 
     def begin(self, task: asyncio.Task[Any], seconds: float) -> None:
         loop = task.get_loop()
@@ -85,10 +97,7 @@ class Wait:
         self._task: asyncio.Task[Any] | None = None
 
     def __enter__(self) -> None:
-        task = asyncio.current_task()
-        if task is None:
-            raise RuntimeError("a deadline needs a task")
-        self._task = task
+        self._task = task = self._watch.current_task()
         self._watch.begin(task, self._seconds)
 
     def __exit__(

@@ -204,7 +204,9 @@ async def _run(request: web.Request, exchange: Exchange) -> web.StreamResponse:
 
 
 def _reply_headers(exchange: Exchange, upstream: dict[str, str]) -> dict[str, str]:
-    return {**upstream, **exchange.response_headers, "x-request-id": exchange.request_id}
+    """The provider's headers we return, then the stages' (`x-request-id` is `http_edge`'s
+    for an answer returned to it, and a stream's own: it is sent before `http_edge` sees it)."""
+    return {**upstream, **exchange.response_headers}
 
 
 def _json_response(exchange: Exchange, reply: JsonReply) -> web.Response:
@@ -219,7 +221,7 @@ async def _write_stream(
 ) -> None:
     headers = _reply_headers(exchange, reply.headers)
     headers.update({"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                    "X-Accel-Buffering": "no"})  # fmt: skip
+                    "X-Accel-Buffering": "no", "x-request-id": exchange.request_id})  # fmt: skip
     response = web.StreamResponse(status=reply.status, headers=headers)
     await response.prepare(request)
     written.append(response)

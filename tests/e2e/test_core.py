@@ -158,6 +158,18 @@ async def test_request_id_is_generated_when_absent(gateway, provider):
     assert provider.control.received[-1].headers["X-Request-Id"] == request_id
 
 
+async def test_a_stream_returns_its_request_id_once(gateway, provider):
+    async with aiohttp.ClientSession() as http:
+        response = await http.post(
+            gateway.url + "/v1/chat/completions",
+            json={"model": "gpt-4o-mini", "messages": HELLO, "stream": True},
+            headers={"Authorization": f"Bearer {TEST_KEY}", "X-Request-Id": "trace-stream-1"},
+        )
+        assert b"[DONE]" in await response.read()
+    assert response.headers.getall("x-request-id") == ["trace-stream-1"]
+    assert provider.control.received[-1].headers["X-Request-Id"] == "trace-stream-1"
+
+
 async def test_set_cookie_from_provider_never_comes_back(gateway, provider):
     provider.fail(Fault(status=400, headers={"Set-Cookie": "tracker=1"},
                         body={"error": {"message": "bad", "type": "invalid_request_error",

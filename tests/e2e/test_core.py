@@ -366,7 +366,7 @@ async def test_responses_stream_failure_raises_in_the_sdk(gateway, provider):
 @pytest.mark.parametrize(
     "timeouts",
     [{"first_byte": 0.2}, {"first_byte": 0.2, "idle": 0.1}, {"first_byte": 0.2, "idle": 5}],
-)  # the larger of the two is enforced by aiohttp's socket timeout, the smaller by a timer
+)  # first_byte bounds the wait for headers whether idle is shorter, longer or the default
 async def test_first_byte_limit_holds_whichever_enforces_it(provider, start_gateway, timeouts):
     config = base_config(provider)
     config["providers"]["fake"]["timeouts"] = timeouts

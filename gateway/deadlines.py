@@ -105,7 +105,11 @@ class Wait:
     ) -> None:
         task = self._task
         assert task is not None  # noqa: S101 - set by __enter__
-        # Our own cancellation becomes TimeoutError; one also asked for by someone else (the
-        # client went away) stays a cancellation, as with asyncio.timeout.
-        if self._watch.end(task) and kind is asyncio.CancelledError and task.uncancel() == 0:
+        if not self._watch.end(task):
+            return
+        # Our cancellation is taken back whatever the wait raised (a library may have turned
+        # it into an error of its own), so none stays pending on the task. It becomes
+        # TimeoutError; one also asked for by someone else (the client went away) stays a
+        # cancellation, as with asyncio.timeout.
+        if task.uncancel() == 0 and kind is asyncio.CancelledError:
             raise TimeoutError("deadline passed") from error

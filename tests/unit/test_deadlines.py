@@ -59,6 +59,17 @@ async def test_many_waits_each_end_at_their_own_deadline():
     assert all(ended[i] == ("done" if i % 2 else "timeout") for i in range(50))
 
 
+async def test_an_expired_wait_leaves_no_cancellation_pending_whatever_it_raised():
+    watch = DeadlineWatch()
+    with pytest.raises(ConnectionError), watch.within(0.05):
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            raise ConnectionError("a library's own error for the cancellation") from None
+    assert asyncio.current_task().cancelling() == 0
+    await asyncio.sleep(0.01)  # the task goes on: no cancellation is left to arrive
+
+
 async def test_a_cancel_from_outside_stays_a_cancellation():
     watch = DeadlineWatch()
 

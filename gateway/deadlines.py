@@ -37,23 +37,22 @@ class DeadlineWatch:
         """A context for one wait of the current task: `TimeoutError` after `seconds`."""
         return Wait(self, seconds)
 
-    def current_task(self) -> asyncio.Task[Any]:
-        """The running task, found through the loop kept from the first call (Python 3.11's
-        `asyncio.current_task()` makes a getpid system call to find the loop)."""
+    def begin(self, seconds: float) -> asyncio.Task[Any]:
+        """Watches the current task's wait for `seconds`; returns the task, for `end`.
+
+        The loop is kept from the first call: Python 3.11's `asyncio.current_task()` without
+        one makes a getpid system call to find it."""
         loop = self._loop
         if loop is None or not loop.is_running():
             loop = self._loop = asyncio.get_running_loop()
         task = asyncio.current_task(loop)
         if task is None:
             raise RuntimeError("a deadline needs a task")
-        return task
-
-    def begin(self, task: asyncio.Task[Any], seconds: float) -> None:
-        loop = task.get_loop()
         due = loop.time() + seconds
         self._waits[task] = due
         if due < self._due:
             self._arm(loop, due)
+        return task
 
     def end(self, task: asyncio.Task[Any]) -> bool:
         """Stops watching `task`'s wait; True if its deadline passed and the task was
@@ -97,8 +96,7 @@ class Wait:
         self._task: asyncio.Task[Any] | None = None
 
     def __enter__(self) -> None:
-        self._task = task = self._watch.current_task()
-        self._watch.begin(task, self._seconds)
+        self._task = self._watch.begin(self._seconds)
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, _: TracebackType | None

@@ -81,8 +81,9 @@ async def http_edge(request: web.Request, handler: Handler) -> web.StreamRespons
     header), counts the request by route, model and status, tracks in-flight and overhead,
     and is the one place errors become responses: the client never sees a traceback.
 
-    One middleware, not three: a streaming response resumes every coroutine between the
-    task and the stream's reader for each event it writes, so each layer is paid per event.
+    One wrapper, not three (and the route's handler itself: see the module docstring): a
+    streaming response resumes every coroutine between the task and the stream's reader for
+    each event it writes, so each layer is paid per event.
     """
     request_id = request_id_of(request)
     request[REQUEST_ID] = request_id

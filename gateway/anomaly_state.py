@@ -59,8 +59,12 @@ class Observation:
     redactions: int = 0
 
     def identities(self) -> list[tuple[str, str]]:
-        found = [("principal", self.principal), ("tenant", self.tenant)]
-        return [(kind, ident) for kind, ident in found if ident]
+        found = []
+        if self.principal:
+            found.append(("principal", self.principal))
+        if self.tenant:
+            found.append(("tenant", self.tenant))
+        return found
 
 
 @dataclass(frozen=True, slots=True)

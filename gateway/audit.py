@@ -240,7 +240,7 @@ class AuditWriter:
         self, sinks: Sequence[Sink], *, clock: Callable[[], datetime] | None = None
     ) -> None:
         self._sinks = tuple(sinks)
-        self._clock = clock or (lambda: datetime.now(UTC))
+        self._clock = clock or functools.partial(datetime.now, UTC)
         self._pid = os.getpid()  # opened in the process that writes (each worker its own)
         self.stream = f"{self._pid}-{secrets.token_hex(4)}"
         self._seq = 0

@@ -21,9 +21,12 @@ ADDED = ("requests", "tokens", "errors", "violations", "redactions")
 _MINUTE_MEMBERS_TTL = 120  # seconds a minute's set of models outlives it
 
 
+_FAILED = (401, 403, 429)  # statuses below 500 that count as errors
+
+
 def added(obs: Observation) -> tuple[float, ...]:
     """What one request adds to each of `ADDED`."""
-    failed = obs.status >= 500 or obs.status in (401, 403, 429)
+    failed = obs.status >= 500 or obs.status in _FAILED
     return 1.0, float(obs.tokens), float(failed), float(obs.violations), float(obs.redactions)
 
 
@@ -101,36 +104,45 @@ def plan(
 
 def _visit(run: Run, batch: Sequence[Observation], first_use: bool) -> tuple[Visit, list[int]]:
     """The run as one visit, and for each of its members the request (index in the run) that
-    added it first."""
+    added it first. (What `added` gives each request, summed in one pass: a request's model
+    is new to the minute's set exactly when it is new to the identity's set of models in the
+    run, so one set of models stands for both.)"""
     base = f"{run.kind}:{run.ident}"
     minute_models = f"mm:{base}:{run.minute}"
-    totals = [0.0] * len(ADDED)
-    index: dict[tuple[str, str], int] = {}
+    models, endpoints = f"models:{base}", f"endpoints:{base}"
+    tokens = errors = violations = redactions = 0.0
+    seen_models: set[str] = set()
+    seen_endpoints: set[str] = set()
     seen: list[Seen] = []
     firsts: list[int] = []
-
-    def note(key: str, member: str, ttl: float, request: int) -> None:
-        if (key, member) not in index:
-            index[key, member] = len(seen)
-            seen.append((key, member, ttl))
-            firsts.append(request)
-
-    any_model = False
     for request, position in enumerate(run.positions):
         obs = batch[position]
-        for slot, amount in enumerate(added(obs)):
-            totals[slot] += amount
-        if obs.model is not None:
-            any_model = True
-            note(minute_models, obs.model, _MINUTE_MEMBERS_TTL, request)
-        if first_use:
-            for what, member in (("models", obs.model), ("endpoints", obs.endpoint)):
-                if member is not None:
-                    note(f"{what}:{base}", member, STATE_TTL, request)
-    counts = dict(zip(ADDED, totals, strict=True))
-    if not any_model:
+        tokens += obs.tokens
+        errors += obs.status >= 500 or obs.status in _FAILED
+        violations += obs.violations
+        redactions += obs.redactions
+        model, endpoint = obs.model, obs.endpoint
+        if model is not None and model not in seen_models:
+            seen_models.add(model)
+            seen.append((minute_models, model, _MINUTE_MEMBERS_TTL))
+            firsts.append(request)
+            if first_use:
+                seen.append((models, model, STATE_TTL))
+                firsts.append(request)
+        if first_use and endpoint is not None and endpoint not in seen_endpoints:
+            seen_endpoints.add(endpoint)
+            seen.append((endpoints, endpoint, STATE_TTL))
+            firsts.append(request)
+    counts = {
+        "requests": float(len(run.positions)),
+        "tokens": tokens,
+        "errors": errors,
+        "violations": violations,
+        "redactions": redactions,
+    }  # in `ADDED` order
+    if not seen_models:
         counts["models"] = 0.0
-    new_model = minute_models if any_model else None
+    new_model = minute_models if seen_models else None
     return Visit(base, counts, tuple(seen), new_model, len(run.positions)), firsts
 
 

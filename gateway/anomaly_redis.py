@@ -94,7 +94,8 @@ end
 for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ttls[i]) end
 return cjson.encode(out)
 """
-_HOURS = [str(hour) for hour in range(24)]
+_HOURS = {str(hour): hour for hour in range(24)}  # hours hash field -> hour of the day
+_BASELINE_FIELDS = [(m, f"e:{m}", f"d:{m}", f"n:{m}") for m in METRICS]  # minute hash fields
 _READ_SHA = hashlib.sha1(_READ.encode(), usedforsecurity=False).hexdigest()
 _CLAIM = """
 local ends = tonumber(redis.call('GET', KEYS[1]) or '-1')
@@ -252,13 +253,19 @@ def _baselines(flat: list[str]) -> tuple[dict[str, Baseline], int]:
     """The baselines and history in an identity's minute hash (HGETALL's flat list)."""
     state = dict(zip(flat[::2], flat[1::2], strict=True))
     baselines = {
-        m: Baseline(float(state[f"e:{m}"]), float(state[f"d:{m}"]), int(state[f"n:{m}"]))
-        for m in METRICS if f"e:{m}" in state
+        m: Baseline(float(state[mean]), float(state[spread]), int(state[count]))
+        for m, mean, spread, count in _BASELINE_FIELDS if mean in state
     }  # fmt: skip
     return baselines, int(state.get("history", 0))
 
 
 def _hours(flat: list[str]) -> tuple[list[float], float]:
-    """The 24 hourly counts and the first use in an identity's hours hash (HGETALL's list)."""
+    """The 24 hourly counts and the first use in an identity's hours hash (HGETALL's list):
+    its fields are `first` and the hours counted so far, often one or two."""
     values = dict(zip(flat[::2], flat[1::2], strict=True))
-    return [float(values.get(h, 0)) for h in _HOURS], float(values["first"])
+    hours = [0.0] * 24
+    for name, value in values.items():
+        hour = _HOURS.get(name)
+        if hour is not None:
+            hours[hour] = float(value)
+    return hours, float(values["first"])

@@ -33,7 +33,7 @@ from gateway.audit_privacy import (
 )
 from gateway.audit_sinks import RotatingFileSink, Sink, StdoutSink
 from gateway.config import AuditSettings
-from gateway.exchange import Exchange
+from gateway.exchange import Exchange, PolicyDecision
 from gateway.log import get_logger
 
 GENESIS = "0" * 64
@@ -56,33 +56,65 @@ def build_request_event(exchange: Exchange, context: EventContext, now: datetime
 
     Built already scrubbed (a fixed point of `scrub`, so the writer can skip its pass): every
     string that is not a constant of this module, a pseudonym or a truncated address goes
-    through `scrub_text` here.
+    through `scrub_text` here. Built in canonical order too: its keys, nested ones included,
+    come as `OPT_SORT_KEYS` sorts them, the writer's chain fields in their places holding
+    placeholders (`write(..., ordered=True)` fills them and skips the sort). Hence one literal
+    in that order, whatever subject each key belongs to.
     """
     status = exchange.status or 499
+    failed = status >= 400
+    route, usage, decisions = exchange.route, exchange.usage, exchange.decisions
+    asked = exchange.model if route is not None or exchange.model is None else "[unknown]"
+    key, user, older, tenant, method, key_id, fingerprint = _identity(exchange, context, now)
+    duration, total, upstream, overhead, first = _timing(exchange)
     event: dict[str, Any] = {
         "@timestamp": iso(now),
-        "event.kind": "event",
-        "event.category": ["web"],
-        "event.type": ["access"] if status < 400 else ["access", "denied"],
+        "error.code": _scrubbed(exchange.error_code),
         "event.action": "gen_ai_request",
+        "event.category": ["web"],
         "event.dataset": "gateway.audit",
-        "event.outcome": "success" if status < 400 else "failure",
+        "event.duration": duration,
+        "event.kind": "event",
+        "event.outcome": "failure" if failed else "success",
+        "event.type": ["access", "denied"] if failed else ["access"],
+        "gateway.anomalies": [scrub_text(a) for a in exchange.anomalies] or None,
+        "gateway.audit.prev_hash": "",  # the writer's chain fields (and `process.pid`)
+        "gateway.audit.seq": 0,
+        "gateway.audit.stream": "",
+        "gateway.auth.method": method,
+        "gateway.credential.fingerprint": fingerprint,
+        "gateway.endpoint": scrub_text(exchange.endpoint),
+        "gateway.key.id": key_id,
+        "gateway.latency.first_chunk_ms": first,
+        "gateway.latency.gateway_ms": overhead,
+        "gateway.latency.total_ms": total,
+        "gateway.latency.upstream_ms": upstream,
+        "gateway.policy.decisions": [_decision(d) for d in decisions] or None,
+        "gateway.provider": _scrubbed(exchange.provider),
+        "gateway.pseudonym.key_id": key,
+        "gateway.ratelimit.outcome": _scrubbed(exchange.ratelimit_outcome),
+        "gateway.redactions": _counts(exchange.redaction_counts),
+        "gateway.redactions.total": sum(exchange.redaction_counts.values()) or None,
+        "gateway.stream": exchange.is_stream,
+        "gateway.upstream.attempts": exchange.upstream_attempts or None,
+        "gen_ai.operation.name": OPERATIONS.get(exchange.endpoint),
+        "gen_ai.request.model": _scrubbed(asked),
+        "gen_ai.response.model": scrub_text(route.upstream_model) if route else None,
+        "gen_ai.system": _scrubbed(context.provider_kinds.get(exchange.provider or "")),
+        "gen_ai.usage.input_tokens": usage.prompt_tokens if usage else None,
+        "gen_ai.usage.output_tokens": usage.completion_tokens if usage else None,
         "http.request.id": scrub_text(exchange.request_id),
         "http.request.method": scrub_text(exchange.method),
         "http.response.status_code": status,
-        "url.path": scrub_text(exchange.path[:100]),
-        "error.code": _scrubbed(exchange.error_code),
-        "gateway.endpoint": scrub_text(exchange.endpoint),
-        "gateway.stream": exchange.is_stream,
+        "organization.id": tenant,
+        "process.pid": 0,
+        "related.user": older,
+        "rule.id": [scrub_text(r) for r in sorted({d.rule_id for d in decisions})] or None,
         "source.address": truncate_address(exchange.client_address),
+        "url.path": scrub_text(exchange.path[:100]),
+        "user.id": user,
         "user_agent.name": user_agent_family(exchange.headers.get("user-agent")),
-        "gateway.ratelimit.outcome": _scrubbed(exchange.ratelimit_outcome),
-        "gateway.anomalies": [scrub_text(a) for a in exchange.anomalies] or None,
     }
-    event.update(_model_fields(exchange, context))
-    event.update(_identity_fields(exchange, context, now))
-    event.update(_timing_fields(exchange))
-    event.update(_finding_fields(exchange))
     return {k: v for k, v in event.items() if v is not None}
 
 
@@ -90,38 +122,34 @@ def _scrubbed(text: str | None) -> str | None:
     return None if text is None else scrub_text(text)
 
 
-def _model_fields(exchange: Exchange, context: EventContext) -> dict[str, Any]:
-    route = exchange.route
-    usage = exchange.usage
-    asked = exchange.model if route is not None or exchange.model is None else "[unknown]"
-    return {
-        "gen_ai.operation.name": OPERATIONS.get(exchange.endpoint),
-        "gen_ai.request.model": _scrubbed(asked),
-        "gen_ai.response.model": scrub_text(route.upstream_model) if route else None,
-        "gen_ai.system": _scrubbed(context.provider_kinds.get(exchange.provider or "")),
-        "gateway.provider": _scrubbed(exchange.provider),
-        "gateway.upstream.attempts": exchange.upstream_attempts or None,
-        "gen_ai.usage.input_tokens": usage.prompt_tokens if usage else None,
-        "gen_ai.usage.output_tokens": usage.completion_tokens if usage else None,
-    }
+_Identity = tuple[str, str | None, list[str] | None, str | None, str | None, str | None,
+                  str | None]  # fmt: skip
 
 
-def _identity_fields(exchange: Exchange, context: EventContext, now: datetime) -> dict[str, Any]:
+def _identity(exchange: Exchange, context: EventContext, now: datetime) -> _Identity:
+    """Who made the request, as the event names them: the pseudonym key id, then the user,
+    the user under older keys, the tenant, the auth method, the key id and the fingerprint
+    of a refused credential (None: not written)."""
     names = context.names
-    fields: dict[str, Any] = {"gateway.pseudonym.key_id": scrub_text(names.key_id)}
+    key = scrub_text(names.key_id)
     principal = exchange.principal
     if principal is None:
-        if exchange.status == 401:
-            fields["gateway.credential.fingerprint"] = _credential_fingerprint(exchange, names)
-        return fields
-    fields["user.id"] = names.user(principal.subject)
-    fields["related.user"] = names.older_users(principal.subject, now) or None
-    if principal.tenant:
-        tenant, pseudonymize = principal.tenant, context.pseudonymize_tenant
-        fields["organization.id"] = names.tenant(tenant) if pseudonymize else scrub_text(tenant)
-    fields["gateway.auth.method"] = scrub_text(principal.method)
-    fields["gateway.key.id"] = _scrubbed(principal.key_id)
-    return fields
+        fingerprint = _credential_fingerprint(exchange, names) if exchange.status == 401 else None
+        return key, None, None, None, None, None, fingerprint
+    tenant = principal.tenant
+    if tenant:
+        tenant = names.tenant(tenant) if context.pseudonymize_tenant else scrub_text(tenant)
+    subject = principal.subject
+    user, older = names.user(subject), names.older_users(subject, now) or None
+    return (
+        key,
+        user,
+        older,
+        tenant or None,
+        scrub_text(principal.method),
+        _scrubbed(principal.key_id),
+        None,
+    )
 
 
 def _credential_fingerprint(exchange: Exchange, names: Pseudonymizer) -> str | None:
@@ -131,42 +159,33 @@ def _credential_fingerprint(exchange: Exchange, names: Pseudonymizer) -> str | N
     return names.credential(given) if given else None
 
 
-def _timing_fields(exchange: Exchange) -> dict[str, Any]:
+def _timing(exchange: Exchange) -> tuple[int, float, float | None, float, float | None]:
+    """The duration (ns) and the total, upstream, gateway and first-chunk latencies (ms)."""
     timings = exchange.timings
     if not timings.finished:
         timings.finished = time.perf_counter()
     total = timings.finished - timings.started
     upstream = None
     if timings.upstream_sent:
-        upstream = (timings.upstream_done or timings.finished) - timings.upstream_sent
-    first = timings.first_written - timings.started if timings.first_written else None
-    return {
-        "event.duration": int(total * 1e9),
-        "gateway.latency.total_ms": _ms(total),
-        "gateway.latency.upstream_ms": _ms(upstream),
-        "gateway.latency.gateway_ms": _ms(timings.overhead()),
-        "gateway.latency.first_chunk_ms": _ms(first),
-    }
+        upstream = round(((timings.upstream_done or timings.finished) - timings.upstream_sent)
+                         * 1000, 3)  # fmt: skip
+    first = None
+    if timings.first_written:
+        first = round((timings.first_written - timings.started) * 1000, 3)
+    overhead = round(timings.overhead() * 1000, 3)
+    return int(total * 1e9), round(total * 1000, 3), upstream, overhead, first
 
 
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 3)
+def _counts(counts: Mapping[str, int]) -> dict[str, int] | None:
+    return dict(sorted(counts.items())) if counts else None
 
 
-def _finding_fields(exchange: Exchange) -> dict[str, Any]:
-    decisions = [
-        {"policy.id": scrub_text(d.policy_id), "policy.version": scrub_text(d.policy_version),
-         "rule.id": scrub_text(d.rule_id), "action": scrub_text(d.action),
-         "mode": scrub_text(d.mode), "severity": scrub_text(d.severity),
-         "direction": scrub_text(d.direction), "policy_set.hash": scrub_text(d.policy_set_hash)}
-        for d in exchange.decisions
-    ]  # fmt: skip
-    return {
-        "gateway.redactions": dict(exchange.redaction_counts) or None,
-        "gateway.redactions.total": sum(exchange.redaction_counts.values()) or None,
-        "gateway.policy.decisions": decisions or None,
-        "rule.id": [scrub_text(r) for r in sorted({d.rule_id for d in exchange.decisions})] or None,
-    }
+def _decision(d: PolicyDecision) -> dict[str, str]:
+    return {"action": scrub_text(d.action), "direction": scrub_text(d.direction),
+            "mode": scrub_text(d.mode), "policy.id": scrub_text(d.policy_id),
+            "policy.version": scrub_text(d.policy_version),
+            "policy_set.hash": scrub_text(d.policy_set_hash), "rule.id": scrub_text(d.rule_id),
+            "severity": scrub_text(d.severity)}  # fmt: skip
 
 
 def security_event(
@@ -221,7 +240,7 @@ class AuditWriter:
         self, sinks: Sequence[Sink], *, clock: Callable[[], datetime] | None = None
     ) -> None:
         self._sinks = tuple(sinks)
-        self._clock = clock or (lambda: datetime.now(UTC))
+        self._clock = clock or functools.partial(datetime.now, UTC)
         self._pid = os.getpid()  # opened in the process that writes (each worker its own)
         self.stream = f"{self._pid}-{secrets.token_hex(4)}"
         self._seq = 0
@@ -230,9 +249,13 @@ class AuditWriter:
         self._flushing: asyncio.Handle | None = None
         self._counters: dict[str, Callable[[float], None]] = {}
 
-    def write(self, event: Mapping[str, Any], *, scrubbed: bool = False) -> None:
+    def write(
+        self, event: Mapping[str, Any], *, scrubbed: bool = False, ordered: bool = False
+    ) -> None:
         """Chains and writes `event`, scrubbed first unless the caller built it scrubbed
-        (`build_request_event` does: it is its own `scrub`)."""
+        (`build_request_event` does: it is its own `scrub`), and serialized with sorted keys
+        unless the caller built it `ordered` (`build_request_event` does: its keys come
+        sorted, the chain fields and `process.pid` among them)."""
         record: dict[str, Any] = dict(event) if scrubbed else scrub(event)
         if "@timestamp" not in record:
             record["@timestamp"] = iso(self._clock())
@@ -241,7 +264,7 @@ class AuditWriter:
         record["gateway.audit.seq"] = self._seq
         record["gateway.audit.prev_hash"] = self._previous
         record["process.pid"] = self._pid
-        line = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+        line = orjson.dumps(record, option=0 if ordered else orjson.OPT_SORT_KEYS)
         self._previous = hashlib.sha256(line).hexdigest()
         text = line.decode()
         for sink in self._sinks:

@@ -122,7 +122,10 @@ _SHAPES = {
     "secret": r"[A-Za-z0-9_\-+/=]{32,}",
 }
 _SCRUB = re.compile("|".join(f"(?P<{name}>{shape})" for name, shape in _SHAPES.items()), re.S)
-_OURS = re.compile(r"^(?:ps|kf)_[0-9a-f]{24}$")
+# Pseudonyms, fingerprints and the gateway's own request ids (`req_` and 32 lower-case hex
+# digits): no shape matches them but `secret`, which keeps a run without upper case. A request
+# id is new on every request, so it would miss the cache below and push out what it holds.
+_OURS = re.compile(r"^(?:(?:ps|kf)_[0-9a-f]{24}|req_[0-9a-f]{32})$")
 _DIGIT = re.compile(r"[0-9]")
 _TRUSTED = frozenset({"@timestamp", "source.address", *CHAIN_FIELDS})
 _PLAIN = frozenset({int, float, bool, type(None)})
@@ -136,7 +139,7 @@ _CLEAN_TEXTS = 4096
 def scrub_text(text: str) -> str:
     """Removes anything shaped like an email, key, token, long secret or full address."""
     if len(text) < 7 or text in _CLEAN or _OURS.match(text):
-        return text  # shorter than any shape (e.g. 1.2.3.4), or already found clean
+        return text  # shorter than any shape (e.g. 1.2.3.4), found clean, or one of ours
     scrubbed = _SCRUB.sub(_mark, text)
     if scrubbed == text and len(text) <= 200:
         _remember_clean(text)

@@ -7,7 +7,7 @@ anomalies into security events. Must not delay the answer: detection runs in the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -15,7 +15,7 @@ from typing import Any
 from gateway.anomaly import Anomaly, AnomalyDetector
 from gateway.anomaly_state import Observation
 from gateway.audit import AuditWriter, EventContext, build_request_event, iso, security_event
-from gateway.exchange import Exchange
+from gateway.exchange import Exchange, PolicyDecision
 from gateway.pipeline import Stage
 
 _VIOLATIONS = frozenset({"block", "deny", "redact", "mask", "alert", "flag"})
@@ -34,31 +34,40 @@ class AuditTrail:
     def record(self, exchange: Exchange) -> None:
         """Writes the event of a finished request and queues it for anomaly detection."""
         event = build_request_event(exchange, self.context, self.writer.now())
-        self.writer.write(event, scrubbed=True)
+        self.writer.write(event, scrubbed=True, ordered=True)
         if self.detector is not None and teaches_detectors(exchange):
             self.detector.submit(self.observation(exchange, event))
 
     def observation(self, exchange: Exchange, event: Mapping[str, Any]) -> Observation:
-        enforced = [d for d in exchange.decisions if d.mode == "enforce"]
+        decisions = exchange.decisions
+        violations, injections, canary = self._findings(decisions) if decisions else (0, 0, False)
+        assert self.detector is not None  # noqa: S101 - only called with a detector
+        usage = exchange.usage
+        credential = event.get("gateway.key.id") or event.get("gateway.credential.fingerprint")
+        # Positional (in field order): keyword arguments cost a request 5k instructions more.
+        return Observation(
+            self.detector.clock(),  # at
+            event.get("user.id"),  # principal
+            event.get("organization.id"),  # tenant
+            event.get("source.address"),  # address
+            credential,
+            exchange.model if exchange.route is not None else None,  # model
+            exchange.endpoint,
+            exchange.status,
+            usage.prompt_tokens + usage.completion_tokens if usage else 0,  # tokens
+            violations,
+            injections,  # injection_blocks
+            canary,  # canary_leak
+            event.get("gateway.redactions.total", 0),  # redactions
+        )
+
+    def _findings(self, decisions: Sequence[PolicyDecision]) -> tuple[int, int, bool]:
+        """The rule violations and injection blocks enforced, and whether a canary leaked."""
+        enforced = [d for d in decisions if d.mode == "enforce"]
         injections = [d for d in enforced if d.action == "block" and
                       self.injection_rule in f"{d.policy_id} {d.rule_id}"]  # fmt: skip
-        canary = any(self.canary_rule in f"{d.policy_id} {d.rule_id}" for d in exchange.decisions)
-        assert self.detector is not None  # noqa: S101 - only called with a detector
-        return Observation(
-            at=self.detector.clock(),
-            principal=event.get("user.id"),
-            tenant=event.get("organization.id"),
-            address=event.get("source.address"),
-            credential=event.get("gateway.key.id") or event.get("gateway.credential.fingerprint"),
-            model=exchange.model if exchange.route is not None else None,
-            endpoint=exchange.endpoint,
-            status=exchange.status,
-            tokens=exchange.usage.total_tokens if exchange.usage else 0,
-            violations=sum(1 for d in enforced if d.action in _VIOLATIONS),
-            injection_blocks=len(injections),
-            canary_leak=canary,
-            redactions=sum(exchange.redaction_counts.values()),
-        )
+        canary = any(self.canary_rule in f"{d.policy_id} {d.rule_id}" for d in decisions)
+        return sum(1 for d in enforced if d.action in _VIOLATIONS), len(injections), canary
 
     def report_anomaly(self, anomaly: Anomaly) -> None:
         """Writes one `anomaly` security event (ECS `event.kind: alert`)."""

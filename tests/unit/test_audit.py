@@ -6,9 +6,11 @@ import asyncio
 import hashlib
 import io
 import json
+import os
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
+import orjson
 import pytest
 from faker import Faker
 from prometheus_client import REGISTRY
@@ -337,6 +339,49 @@ def test_the_writer_skips_its_scrub_only_for_events_built_scrubbed():
     chain = {"gateway.audit.seq", "gateway.audit.prev_hash"}
     assert {k: v for k, v in first.items() if k not in chain} == {
         k: v for k, v in second.items() if k not in chain
+    }
+
+
+def refused_exchange() -> Exchange:
+    ex = exchange(headers={"authorization": f"Bearer {secret('sk-', 48)}"})
+    ex.status, ex.error_code = 401, "invalid_api_key"
+    return ex
+
+
+def plain_exchange() -> Exchange:
+    ex = exchange(headers={})
+    ex.principal = Principal("bob", tenant="", method="jwt")
+    ex.redaction_counts = {"PHONE_NUMBER": 1, "EMAIL_ADDRESS": 3, "CREDIT_CARD": 1}
+    return ex
+
+
+def retried_exchange() -> Exchange:
+    ex = full_exchange()
+    ex.upstream_attempts = 2
+    return ex
+
+
+@pytest.mark.parametrize(
+    "build",
+    [full_exchange, retried_exchange, refused_exchange, plain_exchange, exchange,
+     lambda: hostile_exchange(leaks(7))],
+)  # fmt: skip
+def test_a_request_event_is_written_as_with_sorted_keys(build):
+    sink = ListSink()
+    writer = AuditWriter([sink], clock=lambda: NOW)
+    context = EventContext(names(NOW + timedelta(days=1)), {"fake": "openai"})
+    event = build_request_event(build(), context, NOW)
+    writer.write(event, scrubbed=True, ordered=True)
+    writer.write(event, scrubbed=True)
+    ordered, sorted_ = sink.lines
+    record = orjson.loads(ordered)
+    assert ordered.encode() == orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+    assert record["gateway.audit.seq"] == 1 and record["process.pid"] == os.getpid()
+    assert record["gateway.audit.prev_hash"] == GENESIS
+    assert record["gateway.audit.stream"] == writer.stream
+    chain = {"gateway.audit.seq", "gateway.audit.prev_hash"}
+    assert {k: v for k, v in record.items() if k not in chain} == {
+        k: v for k, v in orjson.loads(sorted_).items() if k not in chain
     }
 
 

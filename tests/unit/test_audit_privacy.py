@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import string
 from datetime import UTC, datetime, timedelta
 
@@ -155,3 +156,17 @@ def test_the_scrubber_gives_the_same_answer_the_second_time(monkeypatch):
     assert first[:20] == [f"before model-{index} after" for index in range(20)]
     assert len(audit_privacy._CLEAN) <= 8
     assert not any(text in clean for text in generated_secrets() for clean in audit_privacy._CLEAN)
+
+
+def request_ids() -> list[str]:
+    rng = random.Random(7)
+    return ["req_" + "0" * 32, "req_" + "f" * 32, "req_" + "a1" * 16] + [
+        f"req_{rng.getrandbits(128):032x}" for _ in range(200)
+    ]
+
+
+def test_the_gateways_request_ids_pass_as_the_pattern_would_pass_them():
+    for request_id in request_ids():
+        assert audit_privacy._SCRUB.sub(audit_privacy._mark, request_id) == request_id
+        assert scrub_text(request_id) == request_id
+        assert request_id not in audit_privacy._CLEAN

@@ -365,6 +365,7 @@ class Limiter:
         self.breaker = Breaker(breaker.failures, breaker.open_seconds, time.monotonic)
         self._lease_ms = math.ceil(settings.lease_seconds * 1000)
         self._fixed: dict[tuple[str, str], tuple[LimitValues, tuple[Limit, ...]]] = {}
+        self._reserve_seconds: dict[str, metrics.Observe] = {}  # backend -> its observer
         self._id_prefix = secrets.token_hex(8)
         self._ids = itertools.count()
 
@@ -390,7 +391,11 @@ class Limiter:
         decision = await self._reserve(ask)
         backend = decision.reservation.backend if decision.reservation else "any"
         elapsed = time.perf_counter() - started
-        metrics.observer(metrics.RATELIMIT_SECONDS, backend, "reserve")(elapsed)
+        observe = self._reserve_seconds.get(backend)
+        if observe is None:
+            observe = metrics.observer(metrics.RATELIMIT_SECONDS, backend, "reserve")
+            self._reserve_seconds[backend] = observe
+        observe(elapsed)
         _count_decision(decision)
         return decision
 

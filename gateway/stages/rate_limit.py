@@ -227,23 +227,28 @@ def rate_headers(standings: tuple[Standing, ...]) -> dict[str, str]:
     for standing in standings:
         kind = standing.limit.kind
         if kind == "r":
-            requests = _tighter(requests, standing)
-        elif kind in ("t", "b"):
-            tokens = _tighter(tokens, standing)
+            requests = standing if requests is None else _tighter(requests, standing)
+        elif kind == "t" or kind == "b":
+            tokens = standing if tokens is None else _tighter(tokens, standing)
     headers: dict[str, str] = {}
-    for names, tightest in ((_REQUEST_HEADERS, requests), (_TOKEN_HEADERS, tokens)):
-        if tightest is not None:
-            limit, remaining, reset = names
-            headers[limit] = str(tightest.limit.limit)
-            headers[remaining] = str(tightest.remaining)
-            headers[reset] = duration(tightest.reset_ms)
+    if requests is not None:
+        _add_headers(headers, _REQUEST_HEADERS, requests)
+    if tokens is not None:
+        _add_headers(headers, _TOKEN_HEADERS, tokens)
     return headers
 
 
-def _tighter(best: Standing | None, standing: Standing) -> Standing:
+def _add_headers(headers: dict[str, str], names: tuple[str, ...], tightest: Standing) -> None:
+    limit, remaining, reset = names
+    headers[limit] = str(tightest.limit.limit)
+    headers[remaining] = str(tightest.remaining)
+    headers[reset] = duration(tightest.reset_ms)
+
+
+def _tighter(best: Standing, standing: Standing) -> Standing:
     """The one with less remaining; on a tie, the one that takes longer to reset (the first
     of equals)."""
-    if best is None or standing.remaining < best.remaining:
+    if standing.remaining < best.remaining:
         return standing
     if standing.remaining == best.remaining and standing.reset_ms > best.reset_ms:
         return standing

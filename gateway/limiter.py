@@ -3,7 +3,7 @@ for limits.
 
 Owns the Redis client (standalone, Sentinel or Cluster; TLS and AUTH from config), batching
 the operations of concurrent requests into runs of the `gateway.limit_script` script by SHA
-(reloaded on NOSCRIPT), the circuit breaker, the failure mode (closed: 503; open: limit in
+(reloaded on NOSCRIPT) on a connection of its own, the circuit breaker, the failure mode (closed: 503; open: limit in
 this process's memory, logged and counted) with automatic recovery, limiter metrics, and the
 translation of Redis errors into `ServiceUnavailableError`. Must not know HTTP or OpenAI
 payloads; the algorithms are documented in `gateway.limits`.

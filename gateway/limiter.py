@@ -3,7 +3,7 @@ for limits.
 
 Owns the Redis client (standalone, Sentinel or Cluster; TLS and AUTH from config), batching
 the operations of concurrent requests into runs of the `gateway.limit_script` script by SHA
-(reloaded on NOSCRIPT), the circuit breaker, the failure mode (closed: 503; open: limit in
+(reloaded on NOSCRIPT) on a connection of its own, the circuit breaker, the failure mode (closed: 503; open: limit in
 this process's memory, logged and counted) with automatic recovery, limiter metrics, and the
 translation of Redis errors into `ServiceUnavailableError`. Must not know HTTP or OpenAI
 payloads; the algorithms are documented in `gateway.limits`.
@@ -19,6 +19,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from gateway import metrics
@@ -67,6 +69,8 @@ class RedisBackend:
 
     def __init__(self, settings: RedisSettings, prefix: str) -> None:
         self._client = open_redis(settings)
+        client = self._client
+        self._line = _Line(client, settings.timeout) if isinstance(client, Redis) else None
         self._tag = "{" + prefix + "}:"  # one hash tag: every key shares a Cluster slot
         self._deadline = settings.timeout + settings.connect_timeout
         self._open: _Batch | None = None
@@ -92,6 +96,8 @@ class RedisBackend:
             self._flush(self._open)
         while self._sending:  # each ends within its deadline, then sends the batch behind it
             await asyncio.wait(set(self._sending))
+        if self._line is not None:
+            await self._line.close()
         await self._client.aclose()
 
     def _batch(self) -> _Batch:
@@ -130,38 +136,116 @@ class RedisBackend:
         await self._call(self._client.script_load(BATCH_LUA))
         return await self._call(self._evalsha(keys, operations))
 
-    def _evalsha(self, keys: list[str], operations: list[str]) -> Awaitable[Any]:
-        return self._client.evalsha(BATCH_SHA, len(keys), *keys, batch_argument(operations))
+    async def _evalsha(self, keys: list[str], operations: list[str]) -> Any:
+        line, argument = self._line, batch_argument(operations)
+        if line is None or line.busy:  # Cluster, or a second batch on its way at once
+            return await self._call(self._client.evalsha(BATCH_SHA, len(keys), *keys, argument))
+        return await _translated(line.run(_evalsha_command(keys, argument), self._deadline))
 
     async def _call(self, command: Awaitable[Any]) -> Any:
+        return await _translated(_within(self._deadline, command))
+
+
+class _Line:
+    """A connection of its own, with the client's settings, that runs one batch at a time
+    without the client's per-command work (pool checkout and release, a task and a timer per
+    write, a timer per read): a batch costs about a quarter as much.
+
+    Its socket has no timeout; `run` applies the client's instead: the connection (TCP within
+    the connect timeout, then its handshake) within the call's deadline, then the command and
+    its reply within the command timeout. A failure is retried as the client's own retry says
+    (once, on a broken connection), and any error or cancellation mid-command drops the
+    connection, so a reply is never read by the wrong call.
+    """
+
+    __slots__ = ("_connection", "_timeout", "busy")
+
+    def __init__(self, client: Redis, timeout: float) -> None:
+        pool = client.connection_pool
+        options = {**pool.connection_kwargs, "socket_timeout": None}
+        self._connection: AbstractConnection = pool.connection_class(**options)
+        self._timeout = timeout
+        self.busy = False
+
+    async def run(self, command: bytes, deadline: float) -> Any:
+        """The reply to the packed `command`; a ResponseError (NOSCRIPT) is raised."""
+        connection = self._connection
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline
+        self.busy = True
         try:
-            async with asyncio.timeout(self._deadline):
-                return await command
-        except NoScriptError:
-            raise
-        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
-            raise _unavailable(exc) from exc
+            async with asyncio.timeout_at(min(end, loop.time() + self._timeout)) as scope:
+                return await connection.retry.call_with_retry(
+                    lambda: self._attempt(command, scope, end),
+                    lambda _error: connection.disconnect(),
+                )
+        finally:
+            self.busy = False
+
+    async def _attempt(self, command: bytes, scope: asyncio.Timeout, end: float) -> Any:
+        connection = self._connection
+        if not connection.is_connected:
+            scope.reschedule(end)
+            await connection.connect()  # type: ignore[no-untyped-call]
+            scope.reschedule(min(end, asyncio.get_running_loop().time() + self._timeout))
+        await connection.send_packed_command(command)
+        return await connection.read_response()
+
+    async def close(self) -> None:
+        await self._connection.disconnect()
+
+
+async def _translated(command: Awaitable[Any]) -> Any:
+    """Redis failures (not NOSCRIPT, which the caller handles) as `ServiceUnavailableError`."""
+    try:
+        return await command
+    except NoScriptError:
+        raise
+    except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+        raise _unavailable(exc) from exc
+
+
+async def _within(seconds: float, command: Awaitable[Any]) -> Any:
+    async with asyncio.timeout(seconds):
+        return await command
+
+
+def _evalsha_command(keys: list[str], argument: str) -> bytes:
+    """EVALSHA of the batch script in Redis's wire form (RESP), as redis-py packs it."""
+    words = ["EVALSHA", BATCH_SHA, str(len(keys)), *keys, argument]
+    parts = [b"*%d\r\n" % len(words)]
+    for word in words:
+        data = word.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
 
 
 class _Batch:
     """Operations gathered for one script call, and the futures their callers await."""
 
-    __slots__ = ("slots", "words", "operations", "waiters")
+    __slots__ = ("slots", "words", "seen", "operations", "waiters")
 
     def __init__(self) -> None:
         self.slots: dict[str, int] = {}  # key -> its index in KEYS (from 1): each key sent once
         self.words: dict[tuple[Limit, ...], str] = {}  # limits -> their words in this batch
+        # id(limits) -> (limits, words): the very tuple seen before is found without hashing
+        # each Limit; keeping it alive keeps its id from being reused within the batch.
+        self.seen: dict[int, tuple[tuple[Limit, ...], str]] = {}
         self.operations: list[str] = []
         self.waiters: list[asyncio.Future[Any]] = []
 
     def words_of(self, tag: str, limits: tuple[Limit, ...]) -> str:
         """The operation words of `limits` in this batch, encoded once per batch: concurrent
         requests of one caller (or one tier) share their limits, so most are found."""
+        seen = self.seen.get(id(limits))
+        if seen is not None and seen[0] is limits:
+            return seen[1]
         words = self.words.get(limits)
         if words is None:
             slots = self.slots
             indexes = [slots.setdefault(tag + lim.key, len(slots) + 1) for lim in limits]
             words = self.words[limits] = limit_words(limits, indexes)
+        self.seen[id(limits)] = (limits, words)
         return words
 
     def add(self, operation: str, flush: Callable[[_Batch], None]) -> asyncio.Future[Any]:
@@ -281,6 +365,7 @@ class Limiter:
         self.breaker = Breaker(breaker.failures, breaker.open_seconds, time.monotonic)
         self._lease_ms = math.ceil(settings.lease_seconds * 1000)
         self._fixed: dict[tuple[str, str], tuple[LimitValues, tuple[Limit, ...]]] = {}
+        self._reserve_seconds: dict[str, metrics.Observe] = {}  # backend -> its observer
         self._id_prefix = secrets.token_hex(8)
         self._ids = itertools.count()
 
@@ -306,7 +391,11 @@ class Limiter:
         decision = await self._reserve(ask)
         backend = decision.reservation.backend if decision.reservation else "any"
         elapsed = time.perf_counter() - started
-        metrics.observer(metrics.RATELIMIT_SECONDS, backend, "reserve")(elapsed)
+        observe = self._reserve_seconds.get(backend)
+        if observe is None:
+            observe = metrics.observer(metrics.RATELIMIT_SECONDS, backend, "reserve")
+            self._reserve_seconds[backend] = observe
+        observe(elapsed)
         _count_decision(decision)
         return decision
 

@@ -274,13 +274,15 @@ def _judge(
 
 
 def decision_from(ask: Ask, reply: Sequence[Any], backend: str) -> Decision:
-    """Reads the script's reply: {allowed, blocked, retry_ms, granted, remaining, reset, ...}."""
-    limits, granted = ask.limits, int(reply[3])
+    """Reads the script's reply: {allowed, blocked, retry_ms, granted, remaining, reset, ...},
+    all integers (Redis turns the script's numbers into integer replies, and `MemoryBackend`
+    rounds as the script does)."""
+    limits, granted = ask.limits, reply[3]
     pairs = iter(reply[4:])  # remaining, reset of each limit in turn: zip takes them in pairs
     triples = zip(limits, pairs, pairs, strict=False)  # a short reply: the limits it covers
-    standings = tuple([Standing(lim, int(left), int(reset)) for lim, left, reset in triples])
+    standings = tuple([Standing(lim, left, reset) for lim, left, reset in triples])
     if not reply[0]:
-        blocked = limits[int(reply[1]) - 1]
-        return Decision(False, granted, int(reply[2]), blocked, standings, None)
+        blocked = limits[reply[1] - 1]
+        return Decision(False, granted, reply[2], blocked, standings, None)
     reservation = Reservation(ask.request_id, limits, granted, backend)
     return Decision(True, granted, 0, None, standings, reservation)

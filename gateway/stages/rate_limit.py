@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 from gateway.config import LimitSettings, LimitValues
@@ -99,14 +100,16 @@ class RateLimit(Stage):
             await self._limiter.settle(reservation, used)
 
     def _ask(self, exchange: Exchange) -> tuple[Ask, int]:
-        principal = exchange.principal
-        limits: list[Limit] = []
-        for dimension, ident, values in self._dimensions(exchange, principal):
-            limits += self._limiter.limits_for(values, dimension, ident)
+        limits_for = self._limiter.limits_for
+        found = self._dimensions(exchange, exchange.principal)
+        groups = [limits_for(values, dimension, ident) for dimension, ident, values in found]
+        # One dimension (the usual case) keeps the limiter's own tuple, which the Redis batch
+        # then finds by identity.
+        limits = tuple(groups[0]) if len(groups) == 1 else tuple(chain.from_iterable(groups))
         prompt = count_prompt(exchange.endpoint, exchange.body)
         cap = 0 if exchange.endpoint == "embeddings" else self._cap(exchange)
         least = prompt + (1 if cap else 0)
-        return Ask(self._limiter.request_id(), tuple(limits), prompt + cap, least), prompt
+        return Ask(self._limiter.request_id(), limits, prompt + cap, least), prompt
 
     def _cap(self, exchange: Exchange) -> int:
         return completion_cap(exchange.endpoint, exchange.body) or self._settings.default_max_tokens
@@ -224,23 +227,28 @@ def rate_headers(standings: tuple[Standing, ...]) -> dict[str, str]:
     for standing in standings:
         kind = standing.limit.kind
         if kind == "r":
-            requests = _tighter(requests, standing)
-        elif kind in ("t", "b"):
-            tokens = _tighter(tokens, standing)
+            requests = standing if requests is None else _tighter(requests, standing)
+        elif kind == "t" or kind == "b":
+            tokens = standing if tokens is None else _tighter(tokens, standing)
     headers: dict[str, str] = {}
-    for names, tightest in ((_REQUEST_HEADERS, requests), (_TOKEN_HEADERS, tokens)):
-        if tightest is not None:
-            limit, remaining, reset = names
-            headers[limit] = str(tightest.limit.limit)
-            headers[remaining] = str(tightest.remaining)
-            headers[reset] = duration(tightest.reset_ms)
+    if requests is not None:
+        _add_headers(headers, _REQUEST_HEADERS, requests)
+    if tokens is not None:
+        _add_headers(headers, _TOKEN_HEADERS, tokens)
     return headers
 
 
-def _tighter(best: Standing | None, standing: Standing) -> Standing:
+def _add_headers(headers: dict[str, str], names: tuple[str, ...], tightest: Standing) -> None:
+    limit, remaining, reset = names
+    headers[limit] = str(tightest.limit.limit)
+    headers[remaining] = str(tightest.remaining)
+    headers[reset] = duration(tightest.reset_ms)
+
+
+def _tighter(best: Standing, standing: Standing) -> Standing:
     """The one with less remaining; on a tie, the one that takes longer to reset (the first
     of equals)."""
-    if best is None or standing.remaining < best.remaining:
+    if standing.remaining < best.remaining:
         return standing
     if standing.remaining == best.remaining and standing.reset_ms > best.reset_ms:
         return standing

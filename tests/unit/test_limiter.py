@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection
 
 from gateway import metrics
 from gateway.config import LimitSettings, LimitValues, RedisSettings
 from gateway.errors import ServiceUnavailableError
-from gateway.limiter import BATCH_SIZE, Breaker, Limiter, RedisBackend, _Batch
+from gateway.limit_script import BATCH_SHA
+from gateway.limiter import BATCH_SIZE, Breaker, Limiter, RedisBackend, _Batch, _evalsha_command
 from gateway.limits import Ask, Limit, MemoryBackend, limits_for
 
 T0 = 1_750_000_000_000.0  # ms; a fixed "now" injected into both backends
@@ -272,6 +275,41 @@ async def test_a_failed_batch_applies_the_failure_mode_to_every_caller(redis_ser
         assert limiter.breaker.is_open
     finally:
         await limiter.close()
+
+
+def test_the_batch_command_goes_on_the_wire_as_redis_py_packs_it():
+    keys, argument = ["{t}:k:r", "{tö}:k:c"], "r - id 1 1 1 1 r 5 60000;" * 400
+    packed = Connection().pack_command("EVALSHA", BATCH_SHA, len(keys), *keys, argument)
+    assert _evalsha_command(keys, argument) == b"".join(packed)
+
+
+async def test_a_dropped_connection_is_retried_once_on_a_new_one(redis_server, open_backend):
+    redis = open_backend("dropped")
+    limit = rate(10)
+    assert (await redis.reserve(ask(limit), T0)).allowed
+    client = aioredis.from_url(redis_server.url)
+    try:
+        await client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    finally:
+        await client.aclose()
+    assert (await redis.reserve(ask(limit), T0)).standings[0].remaining == 8
+
+
+async def test_a_stalled_redis_fails_within_the_command_timeout(redis_server):
+    settings = RedisSettings(url=redis_server.url, timeout=0.3, connect_timeout=5.0)
+    redis = RedisBackend(settings, "stalled")
+    client = aioredis.from_url(redis_server.url)
+    try:
+        await redis.reserve(ask(rate(10)), T0)  # connected, the script loaded
+        await client.execute_command("CLIENT", "PAUSE", "2000", "ALL")
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailableError):
+            await redis.reserve(ask(rate(10)), T0)
+        assert time.monotonic() - started < 2.0  # the command timeout, not the whole deadline
+    finally:
+        await client.execute_command("CLIENT", "UNPAUSE")
+        await client.aclose()
+        await redis.close()
 
 
 def test_a_batch_encodes_each_set_of_limits_once_and_sends_each_key_once():

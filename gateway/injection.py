@@ -86,7 +86,10 @@ def injection_score(
 
 def _ascii_signals(text: str, signals: InjectionSignals) -> list[str]:
     """`_signals` of an ASCII text, from one set pass (and decoding only if a run may hide text)."""
-    seen = {signals.ascii_names[i] for i in signals.ascii_pass.Match(text.encode("ascii")) or ()}
+    matched = signals.ascii_pass.Match(text.encode("ascii"))
+    if not matched:  # most prompts: no phrase and no run to decode
+        return ["hidden_text"] if signals.min_hidden <= 0 else []
+    seen = {signals.ascii_names[i] for i in matched}
     found = [name for name in SIGNALS[:2] if name in seen]
     if signals.min_hidden <= 0:
         found.append("hidden_text")

@@ -195,12 +195,16 @@ class TextScanner:
         start of the whole text, so a match in the context cannot hide one that follows it.
         """
         folded = normalise(text)
-        start = folded.position(fresh)
-        hits: list[Hit] = []
+        start = folded.position(fresh) if fresh else 0
         if not self._patterns:
             return Scan((), folded, start)
-        subject = searchable(folded.text)
-        for index in self._set.Match(subject) or ():
+        # An unmapped fold is the ASCII text itself: `searchable` without its second check.
+        subject = text.encode("ascii") if folded.origin is None else searchable(folded.text)
+        matched = self._set.Match(subject)
+        if not matched:
+            return Scan((), folded, start)
+        hits: list[Hit] = []
+        for index in matched:
             hits.extend(self._hits(index, folded, subject, start))
         return Scan(tuple(hits), folded, start)
 

@@ -39,6 +39,7 @@ from gateway.policy_schema import (
 )
 from gateway.redaction_rules import RedactionRules
 from gateway.scanner import (
+    JointPass,
     RuleKey,
     Scan,
     TextPattern,
@@ -289,18 +290,24 @@ class PolicySet:
             (p, r, self._injection[(p.id, r.id)])
             for p, r in self.rules_of(selection, InjectionRule)
         )  # fmt: skip
+        scanner = self._scanners[direction]
+        joint = None
+        if prompt and injections:  # ASCII prompts: text and injection rules in one set pass
+            lists = [[p.pattern for p in scanner.patterns]]
+            joint = JointPass(lists + [list(s.ascii_patterns) for _, _, s in injections])
         return _Plan(
             selection.ids,
-            self._scanners[direction],
+            scanner,
             self._entity_rules(selection, direction),
             injections if prompt else (),
             () if prompt else self.rules_of(selection, CanaryRule),
             () if prompt else self.rules_of(selection, MaxLengthRule),
+            joint,
         )
 
     async def _findings(
         self, plan: _Plan, text: str, scanned: Scan, opening: int, canary: str | None,
-        finder: EntityFinder | None,
+        finder: EntityFinder | None, injected: Sequence[Sequence[int]] = (),
     ) -> list[Finding]:  # fmt: skip
         """Text rule hits of the selected policies, then entity, injection and canary findings."""
         ids = plan.ids
@@ -312,7 +319,7 @@ class PolicySet:
         if plan.entities and text:  # only then the finder is asked: a coroutine per text
             findings += await self._entities(plan.entities, text, finder)
         if plan.injections:
-            findings += _injections(plan.injections, text, scanned.normalised.text)
+            findings += _injections(plan.injections, text, scanned.normalised.text, injected)
         if canary and plan.canaries:
             findings += _canary(plan.canaries, text, canary)
         return findings
@@ -349,9 +356,15 @@ class PolicySet:
     ) -> Release[Finding]:  # fmt: skip
         """A whole text: redactions applied, the matches that count, and the block if any."""
         plan = self._plan(selection, direction)
-        scanned = plan.scanner.scan(text)
+        injected: Sequence[Sequence[int]] = ()
+        if plan.joint is not None and text.isascii():
+            subject = text.encode("ascii")
+            matched, *injected = plan.joint.match(subject)
+            scanned = plan.scanner.scan_matched(text, subject, matched)
+        else:
+            scanned = plan.scanner.scan(text)
         findings = await self._findings(
-            plan, text, scanned, len(scanned.normalised.text), canary, finder
+            plan, text, scanned, len(scanned.normalised.text), canary, finder, injected
         )
         if plan.lengths:
             findings += _too_long(plan.lengths, len(text))
@@ -373,14 +386,18 @@ class _Plan:
     injections: tuple[tuple[Policy, InjectionRule, InjectionSignals], ...]  # prompts only
     canaries: Rules  # completions only
     lengths: Rules  # completions only
+    joint: JointPass | None  # the scanner's patterns, then each injection rule's ASCII ones
 
 
 def _injections(
-    rules: Sequence[tuple[Policy, InjectionRule, InjectionSignals]], text: str, folded: str
-) -> list[Finding]:
+    rules: Sequence[tuple[Policy, InjectionRule, InjectionSignals]], text: str, folded: str,
+    injected: Sequence[Sequence[int]],
+) -> list[Finding]:  # fmt: skip
+    """Injection rules' findings; `injected`, when given, holds each rule's ASCII set pass."""
     found = []
-    for policy, rule, signals in rules:
-        score, names = injection_score(text, signals, folded)
+    for index, (policy, rule, signals) in enumerate(rules):
+        matched = injected[index] if injected else None
+        score, names = injection_score(text, signals, folded, matched=matched)
         if names and score >= rule.threshold:
             found.append(Finding(policy, rule, 0, len(text), True, ",".join(names)))
     return found

@@ -200,7 +200,10 @@ class TextScanner:
             return Scan((), folded, start)
         # An unmapped fold is the ASCII text itself: `searchable` without its second check.
         subject = text.encode("ascii") if folded.origin is None else searchable(folded.text)
-        return self._scanned(folded, subject, start, self._set.Match(subject))
+        matched = self._set.Match(subject)
+        if not matched:  # the usual text: no call further
+            return Scan((), folded, start)
+        return self._scanned(folded, subject, start, matched)
 
     def scan_matched(self, text: str, subject: bytes, matched: Sequence[int]) -> Scan:
         """`scan(text)` of an ASCII text (`subject` its bytes) whose set pass, `matched` (indices

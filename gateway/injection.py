@@ -34,8 +34,8 @@ class InjectionSignals:
     """Compiled heuristics of one injection rule.
 
     `ascii_pass` is one RE2 set over ASCII text (which folding leaves as it is and which holds
-    no invisible or tag character): its pattern `i` is the phrase list or base64 run named
-    `ascii_names[i]`, so one pass says which signals can be present.
+    no invisible or tag character): its pattern `i`, `ascii_patterns[i]`, is the phrase list or
+    base64 run named `ascii_names[i]`, so one pass says which signals can be present.
     """
 
     override: Any | None
@@ -44,6 +44,7 @@ class InjectionSignals:
     min_hidden: int
     ascii_pass: Any
     ascii_names: tuple[str, ...]
+    ascii_patterns: tuple[str, ...]
 
 
 def compile_injection(
@@ -64,18 +65,22 @@ def compile_injection(
         return re2.compile(patterns[name], options) if name in patterns else None
 
     return InjectionSignals(build("override_phrase"), build("roleplay_marker"), weights,
-                            min_hidden, ascii_pass, tuple(patterns))  # fmt: skip
+                            min_hidden, ascii_pass, tuple(patterns),
+                            tuple(patterns.values()))  # fmt: skip
 
 
 def injection_score(
-    text: str, signals: InjectionSignals, folded: str | None = None
-) -> tuple[float, list[str]]:
+    text: str, signals: InjectionSignals, folded: str | None = None, *,
+    matched: Sequence[int] | None = None,
+) -> tuple[float, list[str]]:  # fmt: skip
     """The score of `text` and the names of the signals found, in `SIGNALS` order.
 
-    `folded` is `normalise(text).text`, when the caller has it already.
+    `folded` is `normalise(text).text`, when the caller has it already; `matched`, for an ASCII
+    text, the indices of `signals.ascii_patterns` found in it, when the caller's own set pass
+    searched them already.
     """
     if text.isascii():
-        found = _ascii_signals(text, signals)
+        found = _ascii_signals(text, signals, matched)
     else:
         found = _signals(text, normalise(text).text if folded is None else folded, signals)
     if not found:
@@ -84,9 +89,15 @@ def injection_score(
     return score, found
 
 
-def _ascii_signals(text: str, signals: InjectionSignals) -> list[str]:
+def _ascii_signals(
+    text: str, signals: InjectionSignals, matched: Sequence[int] | None = None
+) -> list[str]:
     """`_signals` of an ASCII text, from one set pass (and decoding only if a run may hide text)."""
-    seen = {signals.ascii_names[i] for i in signals.ascii_pass.Match(text.encode("ascii")) or ()}
+    if matched is None:
+        matched = signals.ascii_pass.Match(text.encode("ascii"))
+    if not matched:  # most prompts: no phrase and no run to decode
+        return ["hidden_text"] if signals.min_hidden <= 0 else []
+    seen = {signals.ascii_names[i] for i in matched}
     found = [name for name in SIGNALS[:2] if name in seen]
     if signals.min_hidden <= 0:
         found.append("hidden_text")

@@ -35,7 +35,7 @@ class TextSlot:
 def prompt_slots(endpoint: str, body: dict[str, Any]) -> list[TextSlot]:
     """Every text of the request that reaches the provider."""
     if endpoint == "chat.completions":
-        return list(_chat_prompt(body.get("messages")))
+        return _chat_prompt(body.get("messages"))
     if endpoint == "responses":
         slots = (
             [TextSlot(body, "instructions")] if isinstance(body.get("instructions"), str) else []
@@ -47,15 +47,20 @@ def prompt_slots(endpoint: str, body: dict[str, Any]) -> list[TextSlot]:
     return []
 
 
-def _chat_prompt(messages: Any) -> Iterator[TextSlot]:
+def _chat_prompt(messages: Any) -> list[TextSlot]:
+    slots: list[TextSlot] = []
     for message in messages if isinstance(messages, list) else ():
         if not isinstance(message, dict):
             continue
-        yield from _content(message, "content")
+        if isinstance(message.get("content"), str):  # the usual message: no parts to walk
+            slots.append(TextSlot(message, "content"))
+        else:
+            slots += _content(message, "content")
         for call in message.get("tool_calls") or ():
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                yield TextSlot(function, "arguments")
+                slots.append(TextSlot(function, "arguments"))
+    return slots
 
 
 def _strings_or_items(body: dict[str, Any], key: str) -> Iterator[TextSlot]:

@@ -39,7 +39,9 @@ from gateway.policy_schema import (
 )
 from gateway.redaction_rules import RedactionRules
 from gateway.scanner import (
+    JointPass,
     RuleKey,
+    Scan,
     TextPattern,
     TextScanner,
     pattern_opening,
@@ -162,6 +164,7 @@ class PolicySet:
         self._injection = {(p.id, r.id): _signals(r) for p, r in self._of(InjectionRule)}
         self._selections: dict[tuple[Any, ...], Selection] = {}
         self._chosen: dict[tuple[frozenset[str], type], Rules] = {}
+        self._plans: dict[tuple[frozenset[str], TextDirection], _Plan] = {}
         self._decisions: dict[tuple[str, str, str], PolicyDecision] = {}
 
     @property
@@ -255,30 +258,71 @@ class PolicySet:
         position where one of their matches could still be starting (`fresh=None`: a whole
         text, all of it safe).
         """
-        scanner = self._scanners[direction]
-        scanned = scanner.scan(text, fresh or 0)
+        plan = self._plan(selection, direction)
+        scanned = plan.scanner.scan(text, fresh or 0)
         whole = fresh is None  # nothing follows: every match is final, all of the text is safe
-        opening = len(scanned.normalised.text) if whole else scanner.opening(scanned, selection.ids)
-        findings = [
-            Finding(policy, rule, hit.start, hit.end, hit.whole < opening)
-            for hit in scanned.hits if hit.key[0] in selection.ids
-            for policy, rule in [self._rules[hit.key]]
-        ]  # fmt: skip
-        entity_rules = self._entity_rules(selection, direction)
-        if entity_rules and text:  # only then the finder is asked: a coroutine per text
-            findings += await self._entities(entity_rules, text, finder)
-        if direction == "prompt":
-            findings += self._injections(selection, text, scanned.normalised.text)
-        elif canary:
-            findings += self._canary(selection, text, canary)
+        opening = (
+            len(scanned.normalised.text) if whole else plan.scanner.opening(scanned, selection.ids)
+        )
+        findings = await self._findings(plan, text, scanned, opening, canary, finder)
         if whole:
             return Scanned(findings, len(text))
         safe = scanned.normalised.index(opening)  # text rules hold back only where one may start
-        holds = [r.max_match_chars for _, r in self._entity_rules(selection, direction)]
+        holds = [r.max_match_chars for _, r in plan.entities]
         safe = min(safe, len(text) - max(holds) + 1) if holds else safe  # entities: full width
         if direction == "completion" and canary:
             safe = min(safe, _canary_opening(text, canary))
         return Scanned(findings, max(0, safe))
+
+    def _plan(self, selection: Selection, direction: TextDirection) -> _Plan:
+        """The selected rules a scan in `direction` runs (cached per distinct selection)."""
+        key = (selection.ids, direction)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= _SELECTIONS:
+                self._plans.clear()
+            plan = self._plans[key] = self._make_plan(selection, direction)
+        return plan
+
+    def _make_plan(self, selection: Selection, direction: TextDirection) -> _Plan:
+        prompt = direction == "prompt"
+        injections = tuple(
+            (p, r, self._injection[(p.id, r.id)])
+            for p, r in self.rules_of(selection, InjectionRule)
+        )  # fmt: skip
+        scanner = self._scanners[direction]
+        joint = None
+        if prompt and injections:  # ASCII prompts: text and injection rules in one set pass
+            lists = [[p.pattern for p in scanner.patterns]]
+            joint = JointPass(lists + [list(s.ascii_patterns) for _, _, s in injections])
+        return _Plan(
+            selection.ids,
+            scanner,
+            self._entity_rules(selection, direction),
+            injections if prompt else (),
+            () if prompt else self.rules_of(selection, CanaryRule),
+            () if prompt else self.rules_of(selection, MaxLengthRule),
+            joint,
+        )
+
+    async def _findings(
+        self, plan: _Plan, text: str, scanned: Scan, opening: int, canary: str | None,
+        finder: EntityFinder | None, injected: Sequence[Sequence[int]] = (),
+    ) -> list[Finding]:  # fmt: skip
+        """Text rule hits of the selected policies, then entity, injection and canary findings."""
+        ids = plan.ids
+        findings = [
+            Finding(policy, rule, hit.start, hit.end, hit.whole < opening)
+            for hit in scanned.hits if hit.key[0] in ids
+            for policy, rule in [self._rules[hit.key]]
+        ] if scanned.hits else []  # fmt: skip
+        if plan.entities and text:  # only then the finder is asked: a coroutine per text
+            findings += await self._entities(plan.entities, text, finder)
+        if plan.injections:
+            findings += _injections(plan.injections, text, scanned.normalised.text, injected)
+        if canary and plan.canaries:
+            findings += _canary(plan.canaries, text, canary)
+        return findings
 
     def _entity_rules(self, selection: Selection, direction: str) -> Rules:
         if EntitiesRule not in self._kinds:
@@ -299,47 +343,78 @@ class PolicySet:
             if h.entity_type in r.entities and h.score >= r.min_score
         ]  # fmt: skip
 
-    def _injections(self, selection: Selection, text: str, folded: str) -> list[Finding]:
-        found = []
-        for policy, rule in self.rules_of(selection, InjectionRule):
-            score, signals = injection_score(text, self._injection[(policy.id, rule.id)], folded)
-            if signals and score >= rule.threshold:
-                found.append(Finding(policy, rule, 0, len(text), True, ",".join(signals)))
-        return found
-
-    def _canary(self, selection: Selection, text: str, canary: str) -> list[Finding]:
-        at = text.find(canary)
-        if at < 0:
-            return []
-        return [
-            Finding(p, r, at, at + len(canary)) for p, r in self.rules_of(selection, CanaryRule)
-        ]
-
     def canary_rules(self, selection: Selection) -> tuple[tuple[Policy, CanaryRule], ...]:
         return self.rules_of(selection, CanaryRule)
 
     def length_findings(self, selection: Selection, total: int) -> list[Finding]:
         """Max-length rules a completion of `total` characters breaks (the span is the excess)."""
-        return [
-            Finding(policy, rule, rule.max_chars, total, detail="max_chars")
-            for policy, rule in self.rules_of(selection, MaxLengthRule)
-            if total > rule.max_chars
-        ]  # fmt: skip
+        return _too_long(self.rules_of(selection, MaxLengthRule), total)
 
     async def evaluate(
         self, selection: Selection, text: str, direction: TextDirection, *,
         canary: str | None = None, finder: EntityFinder | None = None,
     ) -> Release[Finding]:  # fmt: skip
         """A whole text: redactions applied, the matches that count, and the block if any."""
-        scanned = await self.scan(selection, text, direction, canary=canary, finder=finder,
-                                  fresh=None)  # fmt: skip
-        findings = list(scanned.matches)
-        if direction == "completion":
-            findings += self.length_findings(selection, len(text))
+        plan = self._plan(selection, direction)
+        injected: Sequence[Sequence[int]] = ()
+        if plan.joint is not None and text.isascii():
+            subject = text.encode("ascii")
+            matched, *injected = plan.joint.match(subject)
+            scanned = plan.scanner.scan_matched(text, subject, matched)
+        else:
+            scanned = plan.scanner.scan(text)
+        findings = await self._findings(
+            plan, text, scanned, len(scanned.normalised.text), canary, finder, injected
+        )
+        if plan.lengths:
+            findings += _too_long(plan.lengths, len(text))
+        if not findings:  # what `settle` answers for no match, without its call
+            return Release(text)
         return settle(text, findings, len(text), final=True)[1]
 
     def request_rules(self, selection: Selection) -> tuple[tuple[Policy, RequestRule], ...]:
         return self.rules_of(selection, RequestRule)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What scanning one direction for one selection takes, gathered once."""
+
+    ids: frozenset[str]
+    scanner: TextScanner
+    entities: Rules  # covering the direction
+    injections: tuple[tuple[Policy, InjectionRule, InjectionSignals], ...]  # prompts only
+    canaries: Rules  # completions only
+    lengths: Rules  # completions only
+    joint: JointPass | None  # the scanner's patterns, then each injection rule's ASCII ones
+
+
+def _injections(
+    rules: Sequence[tuple[Policy, InjectionRule, InjectionSignals]], text: str, folded: str,
+    injected: Sequence[Sequence[int]],
+) -> list[Finding]:  # fmt: skip
+    """Injection rules' findings; `injected`, when given, holds each rule's ASCII set pass."""
+    found = []
+    for index, (policy, rule, signals) in enumerate(rules):
+        matched = injected[index] if injected else None
+        score, names = injection_score(text, signals, folded, matched=matched)
+        if names and score >= rule.threshold:
+            found.append(Finding(policy, rule, 0, len(text), True, ",".join(names)))
+    return found
+
+
+def _canary(rules: Rules, text: str, canary: str) -> list[Finding]:
+    at = text.find(canary)
+    if at < 0:
+        return []
+    return [Finding(p, r, at, at + len(canary)) for p, r in rules]
+
+
+def _too_long(rules: Rules, total: int) -> list[Finding]:
+    return [
+        Finding(policy, rule, rule.max_chars, total, detail="max_chars")
+        for policy, rule in rules if total > rule.max_chars
+    ]  # fmt: skip
 
 
 def _canary_opening(text: str, canary: str) -> int:

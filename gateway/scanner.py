@@ -195,12 +195,32 @@ class TextScanner:
         start of the whole text, so a match in the context cannot hide one that follows it.
         """
         folded = normalise(text)
-        start = folded.position(fresh)
-        hits: list[Hit] = []
+        start = folded.position(fresh) if fresh else 0
         if not self._patterns:
             return Scan((), folded, start)
-        subject = searchable(folded.text)
-        for index in self._set.Match(subject) or ():
+        # An unmapped fold is the ASCII text itself: `searchable` without its second check.
+        subject = text.encode("ascii") if folded.origin is None else searchable(folded.text)
+        matched = self._set.Match(subject)
+        if not matched:  # the usual text: no call further
+            return Scan((), folded, start)
+        return self._scanned(folded, subject, start, matched)
+
+    def scan_matched(self, text: str, subject: bytes, matched: Sequence[int]) -> Scan:
+        """`scan(text)` of an ASCII text (`subject` its bytes) whose set pass, `matched` (indices
+        of `patterns`), was part of a caller's (`JointPass`)."""
+        return self._scanned(Normalised(text, len(text)), subject, 0, matched)
+
+    @property
+    def patterns(self) -> tuple[TextPattern, ...]:
+        return self._patterns
+
+    def _scanned(
+        self, folded: Normalised, subject: str | bytes, start: int, matched: Sequence[int] | None
+    ) -> Scan:
+        if not matched:
+            return Scan((), folded, start)
+        hits: list[Hit] = []
+        for index in matched:
             hits.extend(self._hits(index, folded, subject, start))
         return Scan(tuple(hits), folded, start)
 
@@ -254,6 +274,30 @@ def _plain_hits(
         previous = span
         begin, finish = folded.span(*span)
         yield Hit(key, begin, finish, span[0])
+
+
+class JointPass:
+    """One RE2 set pass over an ASCII text for several lists of patterns (each list its own
+    set elsewhere): which patterns of each list match, for the price of one pass."""
+
+    def __init__(self, lists: Sequence[Sequence[str]]) -> None:
+        self._set = re2.Set.SearchSet(re2_options())
+        self._bounds: list[tuple[int, int]] = []
+        for patterns in lists:
+            start = self._bounds[-1][1] if self._bounds else 0
+            for pattern in patterns:
+                self._set.Add(pattern)
+            self._bounds.append((start, start + len(patterns)))
+        self._set.Compile()
+        self._none = tuple(() for _ in lists)
+
+    def match(self, subject: bytes) -> tuple[Sequence[int], ...]:
+        """Per list, the indices (within it) of its patterns that match `subject`."""
+        matched = self._set.Match(subject)
+        if not matched:
+            return self._none
+        return tuple([i - start for i in matched if start <= i < end]
+                     for start, end in self._bounds)  # fmt: skip
 
 
 # --- where a match could still be starting -------------------------------------------------

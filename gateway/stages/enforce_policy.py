@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -136,7 +137,8 @@ class EnforcePolicy(Stage):
             )
         finally:
             _scan_took("completion", started)
-        self.record(exchange, policies, release.matches, "completion")
+        if release.matches:
+            self.record(exchange, policies, release.matches, "completion")
         if release.blocked is not None:
             self.record(exchange, policies, [release.blocked], "completion")
             return "", release.blocked
@@ -177,7 +179,8 @@ class EnforcePolicy(Stage):
                 release = await policies.evaluate(selection, text, "prompt", finder=self._finder)
             finally:
                 _scan_took("prompt", started)
-            self.record(exchange, policies, release.matches, "prompt")
+            if release.matches:
+                self.record(exchange, policies, release.matches, "prompt")
             if release.blocked is not None:
                 self.record(exchange, policies, [release.blocked], "prompt")
                 raise _blocked_error(release.blocked, "request")
@@ -290,7 +293,7 @@ def _glob(patterns: Sequence[str], value: str) -> bool:
 
 def _inject_canary(exchange: Exchange) -> None:
     """Puts a per-request secret marker at the start of the system prompt."""
-    canary = "cnry-" + secrets.token_hex(8)
+    canary = "cnry-" + os.urandom(8).hex()  # `secrets.token_hex(8)`, without its two calls
     marker = f"[{canary}]\n"
     body = exchange.body
     if exchange.endpoint == "responses":

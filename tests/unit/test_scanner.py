@@ -13,6 +13,7 @@ from faker import Faker
 from gateway import scanner
 from gateway.policies import PolicySet, TextDirection, load_policies, parse_policy
 from gateway.scanner import searchable
+from gateway.stream_matcher import settle
 
 SHIPPED = Path(__file__).resolve().parents[2] / "policies"
 CANARY = "cnry-" + "5" * 16
@@ -140,3 +141,36 @@ def test_each_match_of_a_pattern_is_found_once(pattern, text):
         folded = scanner.normalise(text)
         expected = [folded.span(*span) for span in search_by_search(pattern, folded.text, fresh)]
         assert found == expected, (pattern, text, fresh)
+
+
+def test_a_joint_pass_finds_what_each_list_s_own_set_finds_in_the_same_order():
+    policies, rng, fake = all_policies(), random.Random(20241130), Faker()
+    fake.seed_instance(20241130)
+    prompt_patterns = [p.pattern for p in policies._scanners["prompt"].patterns]
+    lists = [prompt_patterns, [r"\d{3}", "(?i)ab"], []]
+    joint = scanner.JointPass(lists)
+    alone = [re2.Set.SearchSet(scanner.re2_options()) for _ in lists]
+    for one, patterns in zip(alone, lists, strict=True):
+        for pattern in patterns:
+            one.Add(pattern)
+        one.Compile()
+    texts = [t for t in (sample(rng, fake) for _ in range(400)) if t.isascii()]
+    for text in texts:
+        subject = text.encode("ascii")
+        found = [list(m) for m in joint.match(subject)]
+        assert found == [list(one.Match(subject) or ()) for one in alone], text
+    assert sum(1 for t in texts if joint.match(t.encode("ascii"))[0]) > len(texts) // 4
+
+
+async def test_whole_ascii_prompts_evaluate_as_their_separate_passes_settle():
+    policies, rng, fake = all_policies(), random.Random(20241131), Faker()
+    fake.seed_instance(20241131)
+    selection = policies.select_all()
+    for _ in range(400):
+        text = sample(rng, fake)
+        scanned = await policies.scan(selection, text, "prompt", fresh=None)  # one pass each
+        expected = settle(text, list(scanned.matches), len(text), final=True)[1]
+        release = await policies.evaluate(selection, text, "prompt")
+        assert release.text == expected.text
+        assert release.matches == expected.matches  # same findings, same order
+        assert release.blocked == expected.blocked

@@ -17,7 +17,9 @@ def model_allowed(principal: Principal | None, model: str) -> bool:
     """Whether `principal` may use `model` (glob patterns; no principal means no limits)."""
     if principal is None:
         return True
-    return any(fnmatchcase(model, pattern) for pattern in principal.models)
+    models = principal.models
+    # `*` matches every name: the default grant is answered without a pattern match.
+    return "*" in models or any(fnmatchcase(model, pattern) for pattern in models)
 
 
 class Catalog:

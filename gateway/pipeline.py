@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import orjson
 
@@ -17,8 +17,6 @@ from gateway import metrics
 from gateway.errors import GatewayError, UpstreamError, status_of
 from gateway.exchange import Exchange, JsonReply, Reply, StreamReply
 from gateway.sse import SseEvent
-
-_T = TypeVar("_T")
 
 Forward = Callable[[Exchange], Awaitable[Reply]]
 
@@ -55,28 +53,46 @@ class Pipeline:
     def __init__(self, stages: Sequence[Stage], forward: Forward) -> None:
         self.stages = tuple(stages)
         self._forward = forward
-        self._timers = {
+        # Every (stage, hook) child exists from the start, so a scrape lists each one.
+        timers = {
             (stage, hook): metrics.observer(metrics.STAGE_SECONDS, stage.name, hook)
             for stage in self.stages
             for hook in ("request", "response", "complete")
         }
-        self._request_stages = _overriding(self.stages, "on_request")
-        self._response_stages = _overriding(self.stages, "on_response")
-        self._stream_stages = _overriding(self.stages, "on_stream")
-        self._complete_stages = _overriding(self.stages, "on_complete")
+        self._requesting = tuple(
+            (s, timers[s, "request"] if _overrides(s, "on_request") else None) for s in self.stages
+        )
+        # Indexed by how many stages ran: the hooks of those stages, in reverse order.
+        self._responding = tuple(
+            tuple((s, timers[s, "response"]) for s in stages)
+            for stages in _reversed_prefixes(self.stages, "on_response")
+        )
+        self._completing = tuple(
+            tuple((s, timers[s, "complete"]) for s in stages)
+            for stages in _reversed_prefixes(self.stages, "on_complete")
+        )
+        self._streaming = _reversed_prefixes(self.stages, "on_stream")
 
     async def run(
         self, exchange: Exchange, respond: Callable[[Reply], Awaitable[None] | None]
     ) -> None:
         """Passes the request through every stage, calls the provider, and hands the
         (wrapped) reply to `respond`, which writes it to the client (or returns what writes
-        it: one coroutine fewer to resume per stream event than an `async def` wrapper)."""
-        ran: list[Stage] = []
+        it: one coroutine fewer to resume per stream event than an `async def` wrapper).
+
+        Each hook is timed here, inline: a timing coroutine around it would cost one more
+        coroutine per hook on every request."""
+        ran = 0
         try:
-            for stage in self.stages:
-                ran.append(stage)
-                if stage in self._request_stages:
-                    await self._timed(stage, "request", stage.on_request(exchange))
+            for stage, timer in self._requesting:
+                ran += 1
+                if timer is None:
+                    continue
+                started = time.perf_counter()
+                try:
+                    await stage.on_request(exchange)
+                finally:
+                    timer(time.perf_counter() - started)
             reply = await self._forward(exchange)
             exchange.status = reply.status
             writing = respond(await self._wrap(exchange, reply, ran))
@@ -93,41 +109,47 @@ class Pipeline:
         finally:
             if exchange.status == 0:
                 exchange.status = 499  # the client went away before an answer
-            for stage in reversed(ran):
-                if stage in self._complete_stages:
-                    await self._timed(stage, "complete", stage.on_complete(exchange))
+            for stage, timer in self._completing[ran]:
+                started = time.perf_counter()
+                try:
+                    await stage.on_complete(exchange)
+                finally:
+                    timer(time.perf_counter() - started)
 
-    async def _wrap(self, exchange: Exchange, reply: Reply, ran: list[Stage]) -> Reply:
+    async def _wrap(self, exchange: Exchange, reply: Reply, ran: int) -> Reply:
         if isinstance(reply, StreamReply):
             events = reply.events
-            for stage in reversed(ran):
-                if stage in self._stream_stages:
-                    events = stage.on_stream(exchange, events)
+            for stage in self._streaming[ran]:
+                events = stage.on_stream(exchange, events)
             if events is not reply.events:
                 reply.events = events
                 reply.whole_events = None  # a stage reads the events: they must pass it
             return reply
-        wanted = [s for s in reversed(ran) if s in self._response_stages]
+        wanted = self._responding[ran]
         if not wanted:
             return reply
         completion = _parse_completion(reply)
-        for stage in wanted:
-            completion = await self._timed(
-                stage, "response", stage.on_response(exchange, completion)
-            )
+        for stage, timer in wanted:
+            started = time.perf_counter()
+            try:
+                completion = await stage.on_response(exchange, completion)
+            finally:
+                timer(time.perf_counter() - started)
         reply.body = completion
         return reply
 
-    async def _timed(self, stage: Stage, hook: str, call: Awaitable[_T]) -> _T:
-        started = time.perf_counter()
-        try:
-            return await call
-        finally:
-            self._timers[stage, hook](time.perf_counter() - started)
+
+def _overrides(stage: Stage, hook: str) -> bool:
+    return getattr(type(stage), hook) is not getattr(Stage, hook)
 
 
-def _overriding(stages: Sequence[Stage], hook: str) -> frozenset[Stage]:
-    return frozenset(s for s in stages if getattr(type(s), hook) is not getattr(Stage, hook))
+def _reversed_prefixes(stages: tuple[Stage, ...], hook: str) -> tuple[tuple[Stage, ...], ...]:
+    """For each count of stages that ran (0 to all), the stages among them overriding
+    `hook`, last first."""
+    return tuple(
+        tuple(s for s in reversed(stages[:ran]) if _overrides(s, hook))
+        for ran in range(len(stages) + 1)
+    )
 
 
 def _parse_completion(reply: JsonReply) -> dict[str, Any]:

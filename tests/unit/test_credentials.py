@@ -303,3 +303,19 @@ async def test_a_verified_token_is_remembered_until_its_expiry_at_the_latest(mon
     monkeypatch.setattr(credentials.time, "time", lambda: later)
     await verifier.verify(token)
     assert decoded == [token, other, token]
+
+
+async def test_only_a_verified_unexpired_token_is_recalled(monkeypatch):
+    issuer = IssuerSettings(issuer=ISSUER, audience=(AUDIENCE,), algorithms=("HS256",),
+                            secret=HMAC_SECRET)  # fmt: skip
+    verifier = TokenVerifier(AuthSettings(issuers=(issuer,)))
+    soon = int(time.time()) + 2
+    token = sign(HMAC_SECRET.encode(), "HS256", exp=soon)
+    assert verifier.recalled(token) is None  # never verified: `verify` must check it
+    claimed = await verifier.verify(token)
+    assert verifier.recalled(token) is claimed
+    assert verifier.recalled(token + "x") is None
+
+    later = soon + 1.0
+    monkeypatch.setattr(credentials.time, "time", lambda: later)
+    assert verifier.recalled(token) is None  # past its exp: verified again, and refused

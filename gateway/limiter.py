@@ -3,10 +3,11 @@ for limits.
 
 Owns the Redis client (standalone, Sentinel or Cluster; TLS and AUTH from config), batching
 the operations of concurrent requests into runs of the `gateway.limit_script` script by SHA
-(reloaded on NOSCRIPT) on a connection of its own, the circuit breaker, the failure mode (closed: 503; open: limit in
-this process's memory, logged and counted) with automatic recovery, limiter metrics, and the
-translation of Redis errors into `ServiceUnavailableError`. Must not know HTTP or OpenAI
-payloads; the algorithms are documented in `gateway.limits`.
+(reloaded on NOSCRIPT; on a `gateway.redis_line` connection of its own), the circuit breaker,
+the failure mode (closed: 503; open: limit in this process's memory, logged and counted) with
+automatic recovery, limiter metrics, and the translation of Redis errors into
+`ServiceUnavailableError`. Must not know HTTP or OpenAI payloads; the algorithms are
+documented in `gateway.limits`.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from gateway import metrics
 from gateway.config import LimitSettings, LimitValues, RedisSettings
 from gateway.errors import ServiceUnavailableError
+from gateway.limit_breaker import Breaker
 from gateway.limit_script import (
     BATCH_LUA,
     BATCH_SHA,
@@ -48,6 +49,7 @@ from gateway.limits import (
 )
 from gateway.log import get_logger
 from gateway.redis_client import open_redis
+from gateway.redis_line import RedisLine, packed
 
 log = get_logger("gateway.limiter")
 
@@ -70,7 +72,7 @@ class RedisBackend:
     def __init__(self, settings: RedisSettings, prefix: str) -> None:
         self._client = open_redis(settings)
         client = self._client
-        self._line = _Line(client, settings.timeout) if isinstance(client, Redis) else None
+        self._line = RedisLine(client, settings.timeout) if isinstance(client, Redis) else None
         self._tag = "{" + prefix + "}:"  # one hash tag: every key shares a Cluster slot
         self._deadline = settings.timeout + settings.connect_timeout
         self._open: _Batch | None = None
@@ -146,53 +148,9 @@ class RedisBackend:
         return await _translated(_within(self._deadline, command))
 
 
-class _Line:
-    """A connection of its own, with the client's settings, that runs one batch at a time
-    without the client's per-command work (pool checkout and release, a task and a timer per
-    write, a timer per read): a batch costs about a quarter as much.
-
-    Its socket has no timeout; `run` applies the client's instead: the connection (TCP within
-    the connect timeout, then its handshake) within the call's deadline, then the command and
-    its reply within the command timeout. A failure is retried as the client's own retry says
-    (once, on a broken connection), and any error or cancellation mid-command drops the
-    connection, so a reply is never read by the wrong call.
-    """
-
-    __slots__ = ("_connection", "_timeout", "busy")
-
-    def __init__(self, client: Redis, timeout: float) -> None:
-        pool = client.connection_pool
-        options = {**pool.connection_kwargs, "socket_timeout": None}
-        self._connection: AbstractConnection = pool.connection_class(**options)
-        self._timeout = timeout
-        self.busy = False
-
-    async def run(self, command: bytes, deadline: float) -> Any:
-        """The reply to the packed `command`; a ResponseError (NOSCRIPT) is raised."""
-        connection = self._connection
-        loop = asyncio.get_running_loop()
-        end = loop.time() + deadline
-        self.busy = True
-        try:
-            async with asyncio.timeout_at(min(end, loop.time() + self._timeout)) as scope:
-                return await connection.retry.call_with_retry(
-                    lambda: self._attempt(command, scope, end),
-                    lambda _error: connection.disconnect(),
-                )
-        finally:
-            self.busy = False
-
-    async def _attempt(self, command: bytes, scope: asyncio.Timeout, end: float) -> Any:
-        connection = self._connection
-        if not connection.is_connected:
-            scope.reschedule(end)
-            await connection.connect()  # type: ignore[no-untyped-call]
-            scope.reschedule(min(end, asyncio.get_running_loop().time() + self._timeout))
-        await connection.send_packed_command(command)
-        return await connection.read_response()
-
-    async def close(self) -> None:
-        await self._connection.disconnect()
+def _evalsha_command(keys: list[str], argument: str) -> bytes:
+    """EVALSHA of the batch script in Redis's wire form."""
+    return packed(["EVALSHA", BATCH_SHA, str(len(keys)), *keys, argument])
 
 
 async def _translated(command: Awaitable[Any]) -> Any:
@@ -208,16 +166,6 @@ async def _translated(command: Awaitable[Any]) -> Any:
 async def _within(seconds: float, command: Awaitable[Any]) -> Any:
     async with asyncio.timeout(seconds):
         return await command
-
-
-def _evalsha_command(keys: list[str], argument: str) -> bytes:
-    """EVALSHA of the batch script in Redis's wire form (RESP), as redis-py packs it."""
-    words = ["EVALSHA", BATCH_SHA, str(len(keys)), *keys, argument]
-    parts = [b"*%d\r\n" % len(words)]
-    for word in words:
-        data = word.encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
 
 
 class _Batch:
@@ -303,48 +251,6 @@ def _unavailable(exc: BaseException) -> ServiceUnavailableError:
     return ServiceUnavailableError(
         "The rate limiter's store is unavailable, so the request was refused. Try again shortly."
     )
-
-
-class Breaker:
-    """Opens after `failures` consecutive failures; after `open_seconds` lets one trial through."""
-
-    def __init__(self, failures: int, open_seconds: float, clock: Callable[[], float]) -> None:
-        self._threshold = failures
-        self._open_seconds = open_seconds
-        self._clock = clock
-        self._failures = 0
-        self._opened_at: float | None = None
-        self._trial_at: float | None = None
-
-    @property
-    def is_open(self) -> bool:
-        return self._opened_at is not None
-
-    def allows(self) -> bool:
-        if self._opened_at is None:
-            return True
-        now = self._clock()
-        if now - self._opened_at < self._open_seconds:
-            return False
-        if self._trial_at is not None and now - self._trial_at < self._open_seconds:
-            return False  # one trial at a time; a trial that never reported is retried later
-        self._trial_at = now
-        return True
-
-    def succeeded(self) -> None:
-        if self._opened_at is not None:
-            log.info("ratelimit_breaker_closed")
-            metrics.RATELIMIT_BREAKER.labels("closed").inc()
-        self._failures, self._opened_at, self._trial_at = 0, None, None
-
-    def failed(self) -> None:
-        self._failures += 1
-        self._trial_at = None
-        if self._failures >= self._threshold:
-            if self._opened_at is None:
-                log.warning("ratelimit_breaker_opened", failures=self._failures)
-                metrics.RATELIMIT_BREAKER.labels("open").inc()
-            self._opened_at = self._clock()
 
 
 class Limiter:

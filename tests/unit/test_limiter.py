@@ -16,8 +16,9 @@ from redis.asyncio.connection import Connection
 from gateway import metrics
 from gateway.config import LimitSettings, LimitValues, RedisSettings
 from gateway.errors import ServiceUnavailableError
+from gateway.limit_breaker import Breaker
 from gateway.limit_script import BATCH_SHA
-from gateway.limiter import BATCH_SIZE, Breaker, Limiter, RedisBackend, _Batch, _evalsha_command
+from gateway.limiter import BATCH_SIZE, Limiter, RedisBackend, _Batch, _evalsha_command
 from gateway.limits import Ask, Limit, MemoryBackend, limits_for
 
 T0 = 1_750_000_000_000.0  # ms; a fixed "now" injected into both backends

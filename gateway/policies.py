@@ -3,7 +3,8 @@
 Owns loading a directory into a `PolicySet` (reading and validating the files is
 `gateway.policy_loader`'s), compiling every text rule at load into one pass per direction,
 choosing the policies that apply to a request, and finding matches in prompts and completions,
-with how far a streamed text is safe to release. Must not edit OpenAI payloads (the
+with how far a streamed text is safe to release (what a finding is, and the findings of
+rules without a text pass, are `gateway.policy_findings`'s). Must not edit OpenAI payloads (the
 `EnforcePolicy` stage does) nor import the redaction engine: entity rules ask an `EntityFinder`.
 """
 
@@ -13,10 +14,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from gateway.exchange import PolicyDecision, Principal
-from gateway.injection import InjectionSignals, compile_injection, injection_score
+from gateway.injection import InjectionSignals, compile_injection
+from gateway.policy_findings import EntityFinder as EntityFinder
+from gateway.policy_findings import EntityHit as EntityHit
+from gateway.policy_findings import Finding as Finding
+from gateway.policy_findings import (
+    Rules,
+    canary_findings,
+    canary_opening,
+    injection_findings,
+    length_findings,
+)
 
 # Loading lives in policy_loader; its names are re-exported for the callers of this module.
 from gateway.policy_loader import PolicyError as PolicyError
@@ -50,59 +61,11 @@ from gateway.scanner import (
     words_pattern,
     words_width,
 )
-from gateway.stream_matcher import Effect, Release, Scanned, settle
+from gateway.stream_matcher import Release, Scanned, settle
 
 TextDirection = Literal["prompt", "completion"]
 DIRECTIONS: tuple[TextDirection, ...] = ("prompt", "completion")
 _SELECTIONS = 1024
-Rules = tuple[tuple[Policy, Any], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class EntityHit:
-    entity_type: str
-    start: int
-    end: int
-    score: float
-
-
-class EntityFinder(Protocol):
-    """The redaction engine's analyzer, as entity rules need it."""
-
-    async def find_entities(self, text: str, entities: frozenset[str]) -> Sequence[EntityHit]: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Finding:
-    """A rule that matched a span of text (the whole text for injection and length rules)."""
-
-    policy: Policy
-    rule: Any
-    start: int
-    end: int
-    final: bool = True
-    detail: str = ""
-
-    @property
-    def enforced(self) -> bool:
-        return self.policy.mode == "enforce"
-
-    @property
-    def effect(self) -> Effect:
-        if not self.enforced or self.rule.action == "flag":
-            return "pass"
-        return "block" if self.rule.action == "block" else "redact"
-
-    @property
-    def replacement(self) -> str:
-        return str(getattr(self.rule, "replacement", ""))
-
-    def decision(self, direction: str, policy_set_hash: str) -> PolicyDecision:
-        return PolicyDecision(
-            policy_id=self.policy.id, policy_version=self.policy.version, rule_id=self.rule.id,
-            action=self.rule.action, severity=self.rule.severity, mode=self.policy.mode,
-            direction=direction, policy_set_hash=policy_set_hash,
-        )  # fmt: skip
 
 
 def load_policies(
@@ -271,7 +234,7 @@ class PolicySet:
         holds = [r.max_match_chars for _, r in plan.entities]
         safe = min(safe, len(text) - max(holds) + 1) if holds else safe  # entities: full width
         if direction == "completion" and canary:
-            safe = min(safe, _canary_opening(text, canary))
+            safe = min(safe, canary_opening(text, canary))
         return Scanned(findings, max(0, safe))
 
     def _plan(self, selection: Selection, direction: TextDirection) -> _Plan:
@@ -319,9 +282,9 @@ class PolicySet:
         if plan.entities and text:  # only then the finder is asked: a coroutine per text
             findings += await self._entities(plan.entities, text, finder)
         if plan.injections:
-            findings += _injections(plan.injections, text, scanned.normalised.text, injected)
+            findings += injection_findings(plan.injections, text, scanned.normalised.text, injected)
         if canary and plan.canaries:
-            findings += _canary(plan.canaries, text, canary)
+            findings += canary_findings(plan.canaries, text, canary)
         return findings
 
     def _entity_rules(self, selection: Selection, direction: str) -> Rules:
@@ -348,7 +311,7 @@ class PolicySet:
 
     def length_findings(self, selection: Selection, total: int) -> list[Finding]:
         """Max-length rules a completion of `total` characters breaks (the span is the excess)."""
-        return _too_long(self.rules_of(selection, MaxLengthRule), total)
+        return length_findings(self.rules_of(selection, MaxLengthRule), total)
 
     async def evaluate(
         self, selection: Selection, text: str, direction: TextDirection, *,
@@ -367,7 +330,7 @@ class PolicySet:
             plan, text, scanned, len(scanned.normalised.text), canary, finder, injected
         )
         if plan.lengths:
-            findings += _too_long(plan.lengths, len(text))
+            findings += length_findings(plan.lengths, len(text))
         if not findings:  # what `settle` answers for no match, without its call
             return Release(text)
         return settle(text, findings, len(text), final=True)[1]
@@ -387,50 +350,6 @@ class _Plan:
     canaries: Rules  # completions only
     lengths: Rules  # completions only
     joint: JointPass | None  # the scanner's patterns, then each injection rule's ASCII ones
-
-
-def _injections(
-    rules: Sequence[tuple[Policy, InjectionRule, InjectionSignals]], text: str, folded: str,
-    injected: Sequence[Sequence[int]],
-) -> list[Finding]:  # fmt: skip
-    """Injection rules' findings; `injected`, when given, holds each rule's ASCII set pass."""
-    found = []
-    for index, (policy, rule, signals) in enumerate(rules):
-        matched = injected[index] if injected else None
-        score, names = injection_score(text, signals, folded, matched=matched)
-        if names and score >= rule.threshold:
-            found.append(Finding(policy, rule, 0, len(text), True, ",".join(names)))
-    return found
-
-
-def _canary(rules: Rules, text: str, canary: str) -> list[Finding]:
-    at = text.find(canary)
-    if at < 0:
-        return []
-    return [Finding(p, r, at, at + len(canary)) for p, r in rules]
-
-
-def _too_long(rules: Rules, total: int) -> list[Finding]:
-    return [
-        Finding(policy, rule, rule.max_chars, total, detail="max_chars")
-        for policy, rule in rules if total > rule.max_chars
-    ]  # fmt: skip
-
-
-def _canary_opening(text: str, canary: str) -> int:
-    """The first position from which `text` ends with the start of the canary (len if none).
-
-    Only a position holding the canary's first character can start it: those are found with
-    `str.find` instead of slicing the text at every position of the last `len(canary)`."""
-    if not canary:
-        return len(text)
-    first = canary[0]
-    position = text.find(first, max(0, len(text) - len(canary) + 1))
-    while position != -1:
-        if canary.startswith(text[position:]):
-            return position
-        position = text.find(first, position + 1)
-    return len(text)
 
 
 def _covers(rule: Any, direction: str) -> bool:

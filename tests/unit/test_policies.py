@@ -17,11 +17,11 @@ from gateway.policies import (
     EntityHit,
     PolicyError,
     PolicySet,
-    _canary_opening,
     load_policies,
     parse_policy,
     policy_set_hash,
 )
+from gateway.policy_findings import canary_opening
 from gateway.policy_schema import CanaryRule, InjectionRule, RegexRule, RequestRule, WordsRule
 from gateway.policy_store import PolicyStore
 from gateway.scanner import normalise, pattern_width
@@ -511,8 +511,8 @@ async def test_a_whole_text_is_safe_to_its_end_whatever_could_still_start(text, 
     assert streamed.safe_end == text.index(opening)  # a stream holds back what may be starting
 
 
-def test_canary_opening_is_where_a_canary_could_be_starting_at_the_end():
-    """`_canary_opening` against its definition: the first position from which the text
+def testcanary_opening_is_where_a_canary_could_be_starting_at_the_end():
+    """`canary_opening` against its definition: the first position from which the text
     ends with a prefix of the canary, over random texts built from the canary's own letters."""
     generator = random.Random(20261129)
     for _ in range(3000):
@@ -523,4 +523,4 @@ def test_canary_opening_is_where_a_canary_could_be_starting_at_the_end():
              if canary.startswith(text[p:])),
             len(text),
         )  # fmt: skip
-        assert _canary_opening(text, canary) == expected, (text, canary)
+        assert canary_opening(text, canary) == expected, (text, canary)

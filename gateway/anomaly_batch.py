@@ -104,7 +104,7 @@ def plan(
 
 def _visit(run: Run, batch: Sequence[Observation], first_use: bool) -> tuple[Visit, list[int]]:
     """The run as one visit, and for each of its members the request (index in the run) that
-    added it first. (What `added` gives each request, summed in one pass: a request's model
+    added it first. (What `added` gives each request, summed in one pass; a request's model
     is new to the minute's set exactly when it is new to the identity's set of models in the
     run, so one set of models stands for both.)"""
     base = f"{run.kind}:{run.ident}"
@@ -117,10 +117,11 @@ def _visit(run: Run, batch: Sequence[Observation], first_use: bool) -> tuple[Vis
     firsts: list[int] = []
     for request, position in enumerate(run.positions):
         obs = batch[position]
-        tokens += obs.tokens
-        errors += obs.status >= 500 or obs.status in _FAILED
-        violations += obs.violations
-        redactions += obs.redactions
+        _, request_tokens, error, violation, redaction = added(obs)
+        tokens += request_tokens
+        errors += error
+        violations += violation
+        redactions += redaction
         model, endpoint = obs.model, obs.endpoint
         if model is not None and model not in seen_models:
             seen_models.add(model)
@@ -133,13 +134,8 @@ def _visit(run: Run, batch: Sequence[Observation], first_use: bool) -> tuple[Vis
             seen_endpoints.add(endpoint)
             seen.append((endpoints, endpoint, STATE_TTL))
             firsts.append(request)
-    counts = {
-        "requests": float(len(run.positions)),
-        "tokens": tokens,
-        "errors": errors,
-        "violations": violations,
-        "redactions": redactions,
-    }  # in `ADDED` order
+    totals = (float(len(run.positions)), tokens, errors, violations, redactions)
+    counts = dict(zip(ADDED, totals, strict=True))
     if not seen_models:
         counts["models"] = 0.0
     new_model = minute_models if seen_models else None

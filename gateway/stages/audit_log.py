@@ -54,7 +54,7 @@ class AuditTrail:
             exchange.model if exchange.route is not None else None,  # model
             exchange.endpoint,
             exchange.status,
-            usage.prompt_tokens + usage.completion_tokens if usage else 0,  # tokens
+            usage.total_tokens if usage else 0,  # tokens
             violations,
             injections,  # injection_blocks
             canary,  # canary_leak

@@ -1,13 +1,17 @@
 """The full pipeline against the pass-through floor, at 1 and 2 worker processes.
 
 Targets, measured in alternating rounds in one run: the demo provider itself (for added
-latency), the floor proxy (bench/floor_proxy.py), and `gateway serve` with JWT authentication,
-Redis rate limits, the shipped policies, audit logging and prompt redaction, with NER off and
-on, at `--workers 1` and `--workers 2`. Each round has a latency run (one request in flight)
-and a throughput run (`--concurrency` in flight). CPU per request is the CPU time of the
+latency), the floor proxy (bench/floor_proxy.py) with 1 and 2 processes on one port, and
+`gateway serve` with JWT authentication, Redis rate limits, the shipped policies, audit
+logging and prompt redaction, with NER off and on, at `--workers 1` and `--workers 2`. Each
+round has a latency run (one request in flight) and a throughput run (`--concurrency` in
+flight). CPU per request is the CPU time of the
 target's whole process tree (master, workers, NER processes) read from /proc. "Cores busy"
 is the whole machine's CPU use during the throughput run (load generator, provider, Redis and
 the target together): near the core count, the machine, not the gateway, is the limit.
+"CPU x floor" compares every target with the 1-process floor; "same processes" compares a
+2-worker gateway with the 2-process floor, which pays the same for splitting the load over
+two event loops.
 
 The config adapts to the option names the checkout has: a feature whose section is missing is
 left out and listed as such.
@@ -306,9 +310,23 @@ def start_gateway(name: str, config: dict[str, Any], workers: int, tmp: Path) ->
     path = tmp / f"{name.replace(' ', '_')}.yaml"
     path.write_text(yaml.safe_dump(config))
     argv = [*gateway_command(), "serve", "--config", str(path)]
+    # NER workers load spaCy models: on a busy machine that takes longer than 20 s.
     server = start_server(name, argv, f"http://127.0.0.1:{port}", ready_path="/readyz",
-                          log_dir=tmp)  # fmt: skip
+                          log_dir=tmp, timeout=120.0)  # fmt: skip
     time.sleep(1.0 if workers == 1 else 3.0)  # let every worker finish starting
+    return TreeServer(server)
+
+
+def start_floor(provider: str, processes: int, tmp: Path) -> TreeServer:
+    """bench/floor_proxy.py with `processes` processes on one port (the baseline for as many
+    gateway workers)."""
+    port = free_port()
+    name = "floor proxy" + (f", {processes} processes" if processes > 1 else "")
+    argv = [sys.executable, str(Path(__file__).parent / "floor_proxy.py"), "--port", str(port),
+            "--upstream", provider, "--processes", str(processes)]  # fmt: skip
+    server = start_server(name, argv, f"http://127.0.0.1:{port}", ready_path="/v1/models",
+                          log_dir=tmp)  # fmt: skip
+    time.sleep(1.0 if processes == 1 else 2.0)  # let every process finish starting
     return TreeServer(server)
 
 
@@ -343,8 +361,11 @@ def cores_busy(before: tuple[int, int], after: tuple[int, int]) -> float:
 
 
 def report(targets: list[Target], features: Features, args: argparse.Namespace) -> None:
-    direct, floor, bare = targets[0], targets[1], targets[2]
+    by_name = {t.name: t for t in targets}
+    direct, floor = by_name["provider (direct)"], by_name["floor proxy"]
+    bare = by_name["gateway, all off, 1 worker"]
     floor_cpu, bare_cpu = median(floor.cpu_ms), median(bare.cpu_ms)
+    floor_two = by_name.get("floor proxy, 2 processes")
     print(f"\nIncluded: {', '.join(features.included)}")
     if features.missing:
         print(f"Not in this checkout (left out): {', '.join(features.missing)}")
@@ -353,18 +374,22 @@ def report(targets: list[Target], features: Features, args: argparse.Namespace) 
           f"({args.latency_count} requests), throughput at {args.concurrency} in flight for "
           f"{args.duration:g} s\n")  # fmt: skip
     rows = []
+    floors = (floor, floor_two)
     for t in targets:
         added50 = median(t.p50) - median(direct.p50)
         added99 = median(t.p99) - median(direct.p99)
         cpu = median(t.cpu_ms)
-        over_bare = fmt(cpu - bare_cpu, 3) if t.cpu_ms and t is not floor else "-"
+        over_bare = fmt(cpu - bare_cpu, 3) if t.cpu_ms and t not in floors else "-"
+        # A 2-worker gateway against the 2-process floor: the same number of event loops
+        # sharing the same cores, so per-loop costs (fewer events per wake-up) cancel out.
+        peer = floor_two if floor_two and t.name.endswith("2 workers") else floor
+        same = fmt(ratio(cpu, median(peer.cpu_ms)), 2) if t.cpu_ms else "-"
         rows.append([t.name, fmt(median(t.rps), 0), fmt(median(t.p50), 2), fmt(added50, 2),
-                     fmt(added99, 2), fmt(cpu, 3), fmt(ratio(cpu, floor_cpu), 2), over_bare,
-                     fmt(median(t.cores_busy), 2), str(t.errors)])  # fmt: skip
+                     fmt(added99, 2), fmt(cpu, 3), fmt(ratio(cpu, floor_cpu), 2), same,
+                     over_bare, fmt(median(t.cores_busy), 2), str(t.errors)])  # fmt: skip
     print_table(["target", "req/s", "p50 ms", "added p50 ms", "added p99 ms", "CPU ms/req",
-                 "CPU x floor", "CPU ms over all off", f"cores busy (of {os.cpu_count()})",
-                 "errors"], rows)  # fmt: skip
-    by_name = {t.name: t for t in targets}
+                 "CPU x floor", "CPU x floor (same processes)", "CPU ms over all off",
+                 f"cores busy (of {os.cpu_count()})", "errors"], rows)  # fmt: skip
     for ner in ("off", "on"):
         one, two = (
             by_name.get(f"full, NER {ner}, 1 worker"),
@@ -373,6 +398,9 @@ def report(targets: list[Target], features: Features, args: argparse.Namespace) 
         if one and two:
             print(f"NER {ner}: 2 workers / 1 worker throughput = "
                   f"{fmt(ratio(median(two.rps), median(one.rps)), 2)}x")  # fmt: skip
+    if floor_two:
+        print(f"floor: 2 processes / 1 process throughput = "
+              f"{fmt(ratio(median(floor_two.rps), median(floor.rps)), 2)}x")  # fmt: skip
 
 
 def main() -> None:
@@ -406,14 +434,10 @@ def main() -> None:
             redis, redis_url = start_redis(tmp)
             provider = start_provider(tmp, stream=args.stream)
             started.append(provider)
-            floor_port = free_port()
-            floor = start_server(
-                "floor", [sys.executable, str(Path(__file__).parent / "floor_proxy.py"),
-                          "--port", str(floor_port), "--upstream", provider.url],
-                f"http://127.0.0.1:{floor_port}", ready_path="/v1/models", log_dir=tmp,
-            )  # fmt: skip
-            started.append(floor)
-            targets = [Target("provider (direct)", provider), Target("floor proxy", floor)]
+            targets = [Target("provider (direct)", provider)]
+            for processes in (1,) if args.per_feature else (1, 2):
+                started.append(start_floor(provider.url, processes, tmp))
+                targets.append(Target(started[-1].name, started[-1]))
             bare = bare_config(provider.url)
             started.append(start_gateway("gateway, all off, 1 worker", bare, 1, tmp))
             targets.append(Target("gateway, all off, 1 worker", started[-1]))

@@ -43,11 +43,14 @@ from gateway.redis_line import RedisLine, packed
 # set, now, now - window, member}. A visit adds the members (new or not), rolls the minute (a
 # new minute returns the closed one's counts and starts afresh), adds the new models to the
 # values and its requests to the hour. Returns JSON, per op in order: a visit's {closed counts
-# or false, counts after it (both in names order), new flags, minute hash, hours hash before
-# it}, the two hashes only the first time the batch uses the key, else false (the baselines in
-# the minute hash do not change during the script, and a later visit adds its requests to its
-# hour); a window's count of events.
+# or false, counts after it (both in names order), new flags, the minute hash's
+# `_STATE_FIELDS` (false if missing), the hours hash before it}, the last two only the first
+# time the batch uses the key, else false (the baselines in the minute hash do not change
+# during the script, and a later visit adds its requests to its hour); a window's count of
+# events.
+_STATE_FIELDS = ["history", *(f"{part}:{m}" for m in METRICS for part in "edn")]
 _READ = """
+local state_fields = {STATE_FIELDS}
 local batch = cjson.decode(ARGV[1])
 local ttls, ops, out, sent, minutes = batch[1], batch[2], {}, {}, {}
 local function visit(op)
@@ -77,7 +80,7 @@ local function visit(op)
   for i = 1, #names do counts[i] = redis.call('HINCRBYFLOAT', m, 'c:' .. names[i], values[i]) end
   local state, hours = false, false
   if not sent[m] then
-    sent[m], state = true, redis.call('HGETALL', m)
+    sent[m], state = true, redis.call('HMGET', m, unpack(state_fields))
     redis.call('HSETNX', h, 'first', op[6])
     hours = redis.call('HGETALL', h)
   end
@@ -95,9 +98,9 @@ for i = 1, #ops do
 end
 for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ttls[i]) end
 return cjson.encode(out)
-"""
+""".replace("STATE_FIELDS", ", ".join(f"'{name}'" for name in _STATE_FIELDS))
 _HOURS = {str(hour): hour for hour in range(24)}  # hours hash field -> hour of the day
-_BASELINE_FIELDS = [(m, f"e:{m}", f"d:{m}", f"n:{m}") for m in METRICS]  # minute hash fields
+_BASELINE_AT = [(m, _STATE_FIELDS.index(f"e:{m}")) for m in METRICS]  # then d:, n:
 _READ_SHA = hashlib.sha1(_READ.encode(), usedforsecurity=False).hexdigest()
 _CLAIM = """
 local ends = tonumber(redis.call('GET', KEYS[1]) or '-1')
@@ -252,7 +255,7 @@ class _Known:
             names.append("models")
         current = dict(zip(names, map(float, counts), strict=True))
         ended = dict(zip(names, map(float, closed), strict=True)) if closed else None
-        added = [bool(n) for n in new] if isinstance(new, list) else []  # cjson: {} when empty
+        added = list(map(bool, new)) if isinstance(new, list) else []  # cjson: {} when empty
         added += [False] * (len(visit.seen) - len(added))
         return Visited(Rolled(current, ended, baselines, history), added, (before, first))
 
@@ -268,14 +271,13 @@ def _readings(steps: Sequence[Step], replies: list[Any]) -> list[Reading]:
     return readings
 
 
-def _baselines(flat: list[str]) -> tuple[dict[str, Baseline], int]:
-    """The baselines and history in an identity's minute hash (HGETALL's flat list)."""
-    state = dict(zip(flat[::2], flat[1::2], strict=True))
+def _baselines(values: list[str | bool]) -> tuple[dict[str, Baseline], int]:
+    """The baselines and history in an identity's minute hash (its `_STATE_FIELDS`)."""
     baselines = {
-        m: Baseline(float(state[mean]), float(state[spread]), int(state[count]))
-        for m, mean, spread, count in _BASELINE_FIELDS if mean in state
+        m: Baseline(float(values[at]), float(values[at + 1]), int(values[at + 2]))
+        for m, at in _BASELINE_AT if values[at]
     }  # fmt: skip
-    return baselines, int(state.get("history", 0))
+    return baselines, int(values[0] or 0)
 
 
 def _hours(flat: list[str]) -> tuple[list[float], float]:

@@ -225,7 +225,7 @@ class AnomalyDetector:
         cooldown claims stay atomic in the store, so replicas still raise an anomaly once.)
         An identity's requests of one minute are read as one visit (`gateway.anomaly_batch`)
         and each one's view is recovered from it."""
-        planned = plan(batch, self._windows, first_use=self.settings.first_use)
+        planned = plan(batch, self._windows(batch), first_use=self.settings.first_use)
         readings = await self.store.read(planned.steps)
         work = _Pass(batch, _Folded())
         found = self._analyse(work, planned, readings)
@@ -241,10 +241,16 @@ class AnomalyDetector:
             self._emit(anomaly)
         return raised
 
-    def _windows(self, obs: Observation) -> tuple[Window, ...]:
-        if obs.status != 401 and not obs.injection_blocks:
-            return ()  # most requests: no rule counts them
-        return tuple((burst.key, burst.window) for burst in self._bursts(obs))
+    def _windows(self, batch: Sequence[Observation]) -> list[tuple[int, tuple[Window, ...]]]:
+        """The requests (positions) that add events to rule windows, with their events."""
+        found = []
+        for position, obs in enumerate(batch):
+            if obs.status != 401 and not obs.injection_blocks:
+                continue  # most requests: no rule counts them
+            windows = tuple((burst.key, burst.window) for burst in self._bursts(obs))
+            if windows:
+                found.append((position, windows))
+        return found
 
     def _analyse(self, work: _Pass, planned: Plan, readings: Sequence[Reading]) -> list[Anomaly]:
         """Every detector on every request, in the batch's order (per request: its principal,

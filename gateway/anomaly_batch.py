@@ -11,7 +11,7 @@ counts are whole numbers, so the sums and differences are exact. Must not score 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gateway.anomaly_state import STATE_TTL, Observation, Seen, Step, Visit, Visited, Window
@@ -68,13 +68,14 @@ class Plan:
 
 def plan(
     batch: Sequence[Observation],
-    windows_of: Callable[[Observation], tuple[Window, ...]],
+    windows: Sequence[tuple[int, tuple[Window, ...]]],
     *,
     first_use: bool,
 ) -> Plan:
     """One step per run, in the order the runs start, and one per request with window
-    events. Reordering steps of different keys changes nothing; a run ends where its
-    identity's next request has another minute, so each key's steps keep their order."""
+    events (`windows`: their positions in the batch, in order, and events). Reordering steps
+    of different keys changes nothing; a run ends where its identity's next request has
+    another minute, so each key's steps keep their order."""
     result = Plan()
     tally = _Tally([], (), [])
     for run in _runs(batch):
@@ -84,12 +85,10 @@ def plan(
         at = batch[run.positions[0]].at
         result.steps.append(Step((run.visit,), run.minute, run.hour, at))
         result.owners.append(run)
-    for position, obs in enumerate(batch):
-        windows = windows_of(obs)
-        if windows:
-            at = obs.at
-            result.steps.append(Step((), int(at // 60), int(at // 3600) % 24, at, windows))
-            result.owners.append(position)
+    for position, events in windows:
+        at = batch[position].at
+        result.steps.append(Step((), int(at // 60), int(at // 3600) % 24, at, events))
+        result.owners.append(position)
     return result
 
 

@@ -71,6 +71,12 @@ def fold(baseline: Baseline, value: float, settings: AnomalySettings, metric: st
     return Baseline((1 - alpha) * baseline.mean + alpha * value, spread, baseline.count + 1)
 
 
+def _wake(work: asyncio.Future[None] | None) -> None:
+    """Ends the consumer's wait, if it is waiting."""
+    if work is not None and not work.done():
+        work.set_result(None)
+
+
 def open_store(settings: Settings) -> Store:
     """Redis when configured (shared by replicas), memory otherwise."""
     if settings.redis.url is None:
@@ -153,15 +159,18 @@ class AnomalyDetector:
         self._queue_size = settings.queue_size
         self._analysing = 0  # taken, not analysed yet
         self._work: asyncio.Future[None] | None = None  # the task, waiting for requests
+        self._wake_at = 1  # requests pending that end the task's wait
+        self._linger = settings.batch_linger
         self._drained: list[asyncio.Future[None]] = []  # `drain` calls, waiting for it all
 
     def submit(self, observation: Observation) -> None:
         if len(self._pending) >= self._queue_size:
             metrics.ANOMALY_DROPPED.inc()
             return
-        self._pending.append(observation)
+        pending = self._pending
+        pending.append(observation)
         work = self._work
-        if work is not None and not work.done():
+        if work is not None and len(pending) >= self._wake_at and not work.done():
             work.set_result(None)
 
     def start(self) -> None:
@@ -184,15 +193,16 @@ class AnomalyDetector:
         while self._pending or self._analysing:
             done = asyncio.get_running_loop().create_future()
             self._drained.append(done)
+            _wake(self._work)  # a batch waiting to fill is read now
             await done
 
     async def _consume(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not self._pending:
                 self._wake_drained()
-                self._work = loop.create_future()
-                await self._work
+                await self._wait_for(1)
+            if self._linger and len(self._pending) < _BATCH and not self._drained:
+                await self._wait_for(_BATCH, self._linger)
             batch = self._pending[:_BATCH]
             del self._pending[:_BATCH]
             self._analysing = len(batch)
@@ -204,6 +214,17 @@ class AnomalyDetector:
                             requests=len(batch))  # fmt: skip
             finally:
                 self._analysing = 0
+
+    async def _wait_for(self, count: int, linger: float | None = None) -> None:
+        """Until `count` requests are pending, `linger` seconds have passed or `drain` is
+        called. (Lingering lets one read of the store serve more requests.)"""
+        loop = asyncio.get_running_loop()
+        work = self._work = loop.create_future()
+        self._wake_at = count
+        timer = None if linger is None else loop.call_later(linger, _wake, work)
+        await work
+        if timer is not None:
+            timer.cancel()
 
     def _wake_drained(self) -> None:
         waiting, self._drained = self._drained, []

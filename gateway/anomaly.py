@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from gateway import metrics
-from gateway.anomaly_batch import Plan, Run, minute_counts, new_members, plan
+from gateway.anomaly_batch import Folded, Plan, Run, minute_counts, new_members, plan
 from gateway.anomaly_redis import RedisStore
 from gateway.anomaly_state import (
     METRICS,
@@ -26,7 +26,6 @@ from gateway.anomaly_state import (
     Observation,
     Reading,
     Rolled,
-    Save,
     Store,
     Visited,
     Window,
@@ -111,28 +110,8 @@ class _Pass:
     found per request (position) and identity kind."""
 
     batch: Sequence[Observation]
-    folded: _Folded
+    folded: Folded
     found: dict[tuple[int, str], list[Anomaly]] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class _Folded:
-    """The baselines a batch folded and has not written yet, per identity key: its later
-    requests take them from here, where one by one they would read them back from the store."""
-
-    latest: dict[str, Rolled] = field(default_factory=dict)
-
-    def carry(self, key: str, rolled: Rolled) -> Rolled:
-        kept = self.latest.get(key)
-        if kept is None:
-            return rolled
-        return Rolled(rolled.current, rolled.closed, kept.baselines, kept.history)
-
-    def keep(self, key: str, rolled: Rolled) -> None:
-        self.latest[key] = rolled
-
-    def saves(self) -> list[Save]:
-        return [Save(key, rolled.baselines, rolled.history) for key, rolled in self.latest.items()]
 
 
 class AnomalyDetector:
@@ -248,7 +227,7 @@ class AnomalyDetector:
         and each one's view is recovered from it."""
         planned = plan(batch, self._windows(batch), first_use=self.settings.first_use)
         readings = await self.store.read(planned.steps)
-        work = _Pass(batch, _Folded())
+        work = _Pass(batch, Folded())
         found = self._analyse(work, planned, readings)
         saves = work.folded.saves()
         if not saves and not found:
@@ -295,26 +274,44 @@ class AnomalyDetector:
         return found
 
     def _analyse_run(self, work: _Pass, run: Run, visited: Visited) -> None:
-        """The identity detectors on each request of a run. Scoring and first use need the
-        identity's history; only then is each request's view recovered."""
+        """The identity detectors on each request of a run that any of them can flag. Scoring
+        and first use need the identity's history; only then is each request's view
+        recovered. (The hour check cannot flag a request within `hour_min_days` of the first.)"""
         batch = work.batch
         rolled = self._roll(run.key, visited.rolled, work.folded)
         established = rolled.history >= self.settings.min_history
         hours, first = visited.hours
-        if not established and (run.minute + 1) * 60 - first <= self._hour_after:
+        hour_checked = (run.minute + 1) * 60 - first > self._hour_after
+        if not established and not hour_checked:
             return  # a young identity: no request of this minute can be scored or checked
         first_added = new_members(run, visited) if established else {}
-        counts = minute_counts(run, batch, visited, first_added) if established else []
+        scored = established and not self._quiet(run, batch, rolled)
+        counts = minute_counts(run, batch, visited, first_added) if scored else []
         at_hour, total = hours[run.hour], sum(hours)
-        for request, position in enumerate(run.positions):
-            obs, hits = batch[position], list[Anomaly]()
-            if established:
+        every = scored or hour_checked
+        for request in range(len(run.positions)) if every else sorted(first_added):
+            obs, hits = batch[run.positions[request]], list[Anomaly]()
+            if scored:
                 self._score(run.kind, run.ident, (counts[request], rolled.baselines), obs, hits)
-                self._first_use(run.kind, run.ident, obs, first_added.get(request, set()), hits)
-            self._hour(run.kind, run.ident, obs, (at_hour + request, total + request, first),
-                       hits)  # fmt: skip
+            if request in first_added:
+                self._first_use(run.kind, run.ident, obs, first_added[request], hits)
+            if hour_checked:
+                self._hour(run.kind, run.ident, obs, (at_hour + request, total + request,
+                           first), hits)  # fmt: skip
             if hits:
-                work.found[position, run.kind] = hits
+                work.found[run.positions[request], run.kind] = hits
+
+    def _quiet(self, run: Run, batch: Sequence[Observation], rolled: Rolled) -> bool:
+        """Whether no request of the run scores an anomaly: when none adds a negative count
+        (tokens come from upstream), its counts only grow, so none does if the last one, with
+        the counts after the run, does not."""
+        if any(batch[p].tokens < 0 or batch[p].violations < 0 or batch[p].redactions < 0
+               for p in run.positions):  # fmt: skip
+            return False
+        found: list[Anomaly] = []
+        last = batch[run.positions[-1]]
+        self._score(run.kind, run.ident, (rolled.current, rolled.baselines), last, found)
+        return not found
 
     def _burst(self, obs: Observation, counts: Sequence[int], found: list[Anomaly]) -> None:
         for burst, count in zip(self._bursts(obs), counts, strict=True):
@@ -322,7 +319,7 @@ class AnomalyDetector:
                 found.append(Anomaly(burst.detector, burst.kind, burst.identity, count,
                                      burst.threshold, 0, "high", obs.at))  # fmt: skip
 
-    def _roll(self, key: str, rolled: Rolled, folded: _Folded) -> Rolled:
+    def _roll(self, key: str, rolled: Rolled, folded: Folded) -> Rolled:
         """The identity's minute with its baselines as of now: the last ones folded in this
         batch if any, then the minute that just closed, if one did."""
         rolled = folded.carry(key, rolled)

@@ -4,9 +4,10 @@ minute, and each request's own view recovered from its visit's reading.
 Owns grouping a batch into runs (consecutive requests of one identity in one minute), the
 `Visit` that stands for a run (summed counts, each member once), the steps of rule-window
 events, and, from a run's `Visited`, what each of its requests would have read one by one:
-its minute's counts, which of its members were new, and the hourly counts before it. The
-counts are whole numbers, so the sums and differences are exact. Must not score anything
-(`gateway.anomaly` does) nor touch a store.
+its minute's counts, which of its members were new, and the hourly counts before it; and
+`Folded`, the baselines the batch folded, which its later requests read before they are
+written. The counts are whole numbers, so the sums and differences are exact. Must not
+score anything (`gateway.anomaly` does) nor touch a store.
 """
 
 from __future__ import annotations
@@ -14,7 +15,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from gateway.anomaly_state import STATE_TTL, Observation, Seen, Step, Visit, Visited, Window
+from gateway.anomaly_state import (
+    STATE_TTL,
+    Observation,
+    Rolled,
+    Save,
+    Seen,
+    Step,
+    Visit,
+    Visited,
+    Window,
+)
 
 ADDED = ("requests", "tokens", "errors", "violations", "redactions")
 """What every request adds to its identity's minute; `models` is counted by the store."""
@@ -179,6 +190,26 @@ def _visit(run: Run, tally: _Tally, first_use: bool) -> tuple[Visit, list[int]]:
     if new_model is None:
         counts["models"] = 0.0
     return Visit(base, counts, tuple(seen), new_model, len(run.positions)), firsts
+
+
+@dataclass(slots=True)
+class Folded:
+    """The baselines a batch folded and has not written yet, per identity key: its later
+    requests take them from here, where one by one they would read them back from the store."""
+
+    latest: dict[str, Rolled] = field(default_factory=dict)
+
+    def carry(self, key: str, rolled: Rolled) -> Rolled:
+        kept = self.latest.get(key)
+        if kept is None:
+            return rolled
+        return Rolled(rolled.current, rolled.closed, kept.baselines, kept.history)
+
+    def keep(self, key: str, rolled: Rolled) -> None:
+        self.latest[key] = rolled
+
+    def saves(self) -> list[Save]:
+        return [Save(key, rolled.baselines, rolled.history) for key, rolled in self.latest.items()]
 
 
 def minute_counts(

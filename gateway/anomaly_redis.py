@@ -117,6 +117,14 @@ class _Ops:
     keys: dict[str, int] = field(default_factory=dict)
     ttls: list[int] = field(default_factory=list)
     ops: list[list[Any]] = field(default_factory=list)
+    nows: dict[float, str] = field(default_factory=dict)  # a time's repr, made once a batch
+
+    def now(self, at: float) -> str:
+        """`repr(at)` (a principal's and its tenant's visits mostly share it)."""
+        text = self.nows.get(at)
+        if text is None:
+            text = self.nows[at] = repr(at)
+        return text
 
     def slot(self, key: str, ttl: int) -> int:
         """The key's index in KEYS (from 1); its TTL is the last one given, as if set each time."""
@@ -189,7 +197,7 @@ class RedisStore:
             if key == new_model:
                 models.append(index)
         counts = visit.counts
-        return [1, minute, hours, step.minute, str(step.hour), repr(step.now), models, sets,
+        return [1, minute, hours, step.minute, str(step.hour), ops.now(step.now), models, sets,
                 members, list(counts), list(counts.values()), visit.requests]  # fmt: skip
 
     def _window_op(self, ops: _Ops, key: str, window: float, now: float) -> list[Any]:
@@ -283,10 +291,13 @@ def _baselines(values: list[str | bool]) -> tuple[dict[str, Baseline], int]:
 def _hours(flat: list[str]) -> tuple[list[float], float]:
     """The 24 hourly counts and the first use in an identity's hours hash (HGETALL's list):
     its fields are `first` and the hours counted so far, often one or two."""
-    values = dict(zip(flat[::2], flat[1::2], strict=True))
-    hours = [0.0] * 24
-    for name, value in values.items():
-        hour = _HOURS.get(name)
-        if hour is not None:
-            hours[hour] = float(value)
-    return hours, float(values["first"])
+    hours, first = [0.0] * 24, None
+    for index in range(0, len(flat), 2):
+        name = flat[index]
+        if name == "first":
+            first = flat[index + 1]
+        elif name in _HOURS:
+            hours[_HOURS[name]] = float(flat[index + 1])
+    if first is None:
+        raise KeyError("first")  # the script sets it before it reads the hash
+    return hours, float(first)

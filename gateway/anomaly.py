@@ -276,18 +276,21 @@ class AnomalyDetector:
     def _analyse_run(self, work: _Pass, run: Run, visited: Visited) -> None:
         """The identity detectors on each request of a run that any of them can flag. Scoring
         and first use need the identity's history; only then is each request's view
-        recovered. (The hour check cannot flag a request within `hour_min_days` of the first.)"""
+        recovered. (The hour check flags none within `hour_min_days` of the first use.)"""
         batch = work.batch
         rolled = self._roll(run.key, visited.rolled, work.folded)
         established = rolled.history >= self.settings.min_history
         hours, first = visited.hours
-        hour_checked = (run.minute + 1) * 60 - first > self._hour_after
+        at_hour, total = hours[run.hour], sum(hours)
+        # Each request of the run adds one to both, so the hour's share only grows: if the
+        # first request's hour is a common one, so is every later request's.
+        hour_checked = ((run.minute + 1) * 60 - first > self._hour_after and total > 0
+                        and at_hour / total < self.settings.hour_min_share)  # fmt: skip
         if not established and not hour_checked:
-            return  # a young identity: no request of this minute can be scored or checked
+            return  # no request of this minute can be scored or flagged for its hour
         first_added = new_members(run, visited) if established else {}
         scored = established and not self._quiet(run, batch, rolled)
         counts = minute_counts(run, batch, visited, first_added) if scored else []
-        at_hour, total = hours[run.hour], sum(hours)
         every = scored or hour_checked
         for request in range(len(run.positions)) if every else sorted(first_added):
             obs, hits = batch[run.positions[request]], list[Anomaly]()

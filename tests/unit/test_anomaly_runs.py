@@ -24,13 +24,19 @@ def steady_then(last_minute: list[int]) -> list[Observation]:
     return found
 
 
-async def raised_by(traffic: list[Observation], *, together: bool) -> list[Anomaly]:
+async def raised_by(
+    traffic: list[Observation], *, together: bool, settings: AnomalySettings | None = None
+) -> list[Anomaly]:
+    """What analysing `traffic` one by one raises, or in two batches: all but the last
+    minute's requests, then those."""
     raised: list[Anomaly] = []
-    settings = AnomalySettings(min_history=2, first_use=False)
+    settings = settings or AnomalySettings(min_history=2, first_use=False)
     detector = AnomalyDetector(settings, MemoryStore(), raised.append)
     if together:
-        await detector.observe_batch(traffic[:12])
-        await detector.observe_batch(traffic[12:])
+        last = int(traffic[-1].at // 60)
+        split = next(i for i, obs in enumerate(traffic) if int(obs.at // 60) == last)
+        await detector.observe_batch(traffic[:split])
+        await detector.observe_batch(traffic[split:])
     else:
         for obs in traffic:
             await detector.observe(obs)
@@ -55,3 +61,16 @@ async def test_a_run_raises_what_its_requests_raise_one_by_one(tokens):
             ("tokens_per_minute", "principal"),
             ("tokens_per_minute", "tenant"),
         ]
+
+
+@pytest.mark.parametrize("hour", [9, 11])
+async def test_a_run_at_a_usual_or_unusual_hour_raises_what_one_by_one_raises(hour):
+    """Twenty minutes of ps_alice at 09:00, then five requests at `hour` (11:00 is one she
+    never used: each is flagged, until the cooldown)."""
+    traffic = [Observation(T0 + minute * 60, "ps_alice", "acme") for minute in range(20)]
+    start = T0 + (hour - 9) * 3600 + 25 * 60
+    traffic += [Observation(start + index, "ps_alice", "acme") for index in range(5)]
+    settings = AnomalySettings(min_history=1000, hour_min_days=0.01)
+    alone = await raised_by(traffic, together=False, settings=settings)
+    assert await raised_by(traffic, together=True, settings=settings) == alone
+    assert [a.detector for a in alone] == ["unusual_hour"] * 2 * (hour == 11)

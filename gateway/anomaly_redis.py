@@ -102,12 +102,27 @@ return cjson.encode(out)
 _HOURS = {str(hour): hour for hour in range(24)}  # hours hash field -> hour of the day
 _BASELINE_AT = [(m, _STATE_FIELDS.index(f"e:{m}")) for m in METRICS]  # then d:, n:
 _READ_SHA = hashlib.sha1(_READ.encode(), usedforsecurity=False).hexdigest()
-_CLAIM = """
-local ends = tonumber(redis.call('GET', KEYS[1]) or '-1')
-if ends > tonumber(ARGV[1]) then return 0 end
-redis.call('SET', KEYS[1], ARGV[1] + ARGV[2], 'EX', math.ceil(ARGV[2]) + 60)
-return 1
+# The one script a batch's changes are written with, atomically: the baselines (HSET of each
+# minute hash's fields), then the cooldown claims in order, each won unless the last claim
+# won ends after its time. KEYS: the minute hashes, then the claims' keys. ARGV[1]: JSON
+# [saves (each a flat list of fields and values), claims (each [now, cooldown])]. Returns
+# per claim 1 (won) or 0.
+_WRITE = """
+local batch = cjson.decode(ARGV[1])
+local saves, claims, won = batch[1], batch[2], {}
+for i = 1, #saves do redis.call('HSET', KEYS[i], unpack(saves[i])) end
+for i = 1, #claims do
+  local key, now, cooldown = KEYS[#saves + i], claims[i][1], claims[i][2]
+  won[i] = 0
+  if tonumber(redis.call('GET', key) or '-1') <= now then
+    redis.call('SET', key, now + cooldown, 'EX', math.ceil(cooldown) + 60)
+    won[i] = 1
+  end
+end
+return won
 """
+_WRITE_SHA = hashlib.sha1(_WRITE.encode(), usedforsecurity=False).hexdigest()
+_SCRIPTS = (_READ, _WRITE)
 
 
 @dataclass(slots=True)
@@ -169,21 +184,25 @@ class RedisStore:
         return _readings(steps, orjson.loads(reply))
 
     async def _read(self, keys: list[str], payload: bytes) -> Any:
+        return await self._script(_READ_SHA, keys, payload)
+
+    async def _script(self, sha: str, keys: list[str], payload: bytes) -> Any:
         try:
             try:
-                return await self._evalsha(keys, payload)
-            except NoScriptError:  # Redis restarted or flushed its scripts: load once, run again
-                await self._redis.execute_command("SCRIPT", "LOAD", _READ)
-                return await self._evalsha(keys, payload)
+                return await self._evalsha(sha, keys, payload)
+            except NoScriptError:  # Redis restarted or flushed its scripts: load, run again
+                for script in _SCRIPTS:  # both, so that a batch's write finds its script too
+                    await self._redis.execute_command("SCRIPT", "LOAD", script)
+                return await self._evalsha(sha, keys, payload)
         except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             raise ServiceUnavailableError("Anomaly state in Redis is unavailable.") from exc
 
-    async def _evalsha(self, keys: list[str], payload: bytes) -> Any:
+    async def _evalsha(self, sha: str, keys: list[str], payload: bytes) -> Any:
         line = self._line
-        if line is None or line.busy:  # Cluster, or two reads at once (`observe` in tests)
-            return await self._redis.execute_command("EVALSHA", _READ_SHA, len(keys), *keys,
+        if line is None or line.busy:  # Cluster, or two calls at once (`observe` in tests)
+            return await self._redis.execute_command("EVALSHA", sha, len(keys), *keys,
                                                      payload)  # fmt: skip
-        command = packed(["EVALSHA", _READ_SHA, str(len(keys)), *keys, payload.decode()])
+        command = packed(["EVALSHA", sha, str(len(keys)), *keys, payload.decode()])
         return await line.run(command, self._deadline)
 
     def _visit_op(self, ops: _Ops, visit: Visit, step: Step) -> list[Any]:
@@ -206,35 +225,27 @@ class RedisStore:
         return [2, slot, repr(now), repr(now - window), member]
 
     async def write(self, saves: Sequence[Save], claims: Sequence[Claim]) -> list[bool]:
-        commands = [self._save_command(save) for save in saves]
-        commands += [["EVAL", _CLAIM, 1, self._prefix + "c:" + claim.key, claim.now,
-                      claim.cooldown] for claim in claims]  # fmt: skip
-        if not commands:
+        if not saves and not claims:
             return []
-        replies = await self._pipeline(commands)
-        return [bool(reply) for reply in replies[len(saves) :]]
-
-    def _save_command(self, save: Save) -> list[Any]:
-        values: list[str] = ["history", str(save.history)]
-        for metric, base in save.baselines.items():
-            values += [f"e:{metric}", repr(base.mean), f"d:{metric}", repr(base.spread),
-                       f"n:{metric}", str(base.count)]  # fmt: skip
-        return ["HSET", self._prefix + "m:" + save.key, *values]
-
-    async def _pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        """Runs `commands` in one round trip (in order, not atomically); replies in order."""
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for command in commands:
-                    pipe.execute_command(*command)
-                return list(await pipe.execute())
-        except (RedisError, RedisClusterException, OSError) as exc:
-            raise ServiceUnavailableError("Anomaly state in Redis is unavailable.") from exc
+        keys = [self._prefix + "m:" + save.key for save in saves]
+        keys += [self._prefix + "c:" + claim.key for claim in claims]
+        payload = orjson.dumps([[_save_fields(save) for save in saves],
+                                [[claim.now, claim.cooldown] for claim in claims]])  # fmt: skip
+        return [bool(won) for won in await self._script(_WRITE_SHA, keys, payload)]
 
     async def close(self) -> None:
         if self._line is not None:
             await self._line.close()
         await self._redis.aclose()
+
+
+def _save_fields(save: Save) -> list[str]:
+    """An identity's baselines and history as its minute hash's fields and values."""
+    values: list[str] = ["history", str(save.history)]
+    for metric, base in save.baselines.items():
+        values += [f"e:{metric}", repr(base.mean), f"d:{metric}", repr(base.spread),
+                   f"n:{metric}", str(base.count)]  # fmt: skip
+    return values
 
 
 @dataclass(slots=True)

@@ -1,8 +1,9 @@
 """The anomaly detectors' state in Redis, shared by every replica.
 
-Owns the batch script (a batch's visits and window events, in order, in one EVALSHA), its
-encoding, the decoding of its reply, and the batch's writes (baselines, cooldown claims) in
-one pipeline. Redis errors become `ServiceUnavailableError` here. Must give exactly what
+Owns the batch scripts (a batch's visits and window events, in order, in one EVALSHA; its
+writes, baselines then cooldown claims, in one more), their encoding and the decoding of
+their replies, on a `gateway.redis_line` connection of its own (the client's path on
+Cluster). Redis errors become `ServiceUnavailableError` here. Must give exactly what
 `MemoryStore` gives; must not score anything.
 """
 
@@ -154,8 +155,8 @@ class _Ops:
 class RedisStore:
     """State shared by every replica; Redis errors become `ServiceUnavailableError` here.
 
-    A batch is read with one EVALSHA of `_READ` (applied atomically, in order) and written in
-    one pipeline: at most two round trips per batch. Every key carries one hash tag, so on
+    A batch is read with one EVALSHA of `_READ` (applied atomically, in order) and written
+    with one of `_WRITE`: at most two round trips per batch. Every key carries one hash tag, so on
     Redis Cluster a batch's keys share a slot (all detector state sits on one shard)."""
 
     def __init__(self, settings: RedisSettings, prefix: str = "{gateway:anomaly}:") -> None:

@@ -281,11 +281,11 @@ class AnomalyDetector:
         rolled = self._roll(run.key, visited.rolled, work.folded)
         established = rolled.history >= self.settings.min_history
         hours, first = visited.hours
-        at_hour, total = hours[run.hour], sum(hours)
-        # Each request of the run adds one to both, so the hour's share only grows: if the
-        # first request's hour is a common one, so is every later request's.
-        hour_checked = ((run.minute + 1) * 60 - first > self._hour_after and total > 0
-                        and at_hour / total < self.settings.hour_min_share)  # fmt: skip
+        at_hour = total = 0.0
+        hour_checked = (run.minute + 1) * 60 - first > self._hour_after
+        if hour_checked:  # each request adds one to both, so the hour's share only grows:
+            at_hour, total = hours[run.hour], sum(hours)  # none is rare if the first's is not
+            hour_checked = total > 0 and at_hour / total < self.settings.hour_min_share
         if not established and not hour_checked:
             return  # no request of this minute can be scored or flagged for its hour
         first_added = new_members(run, visited) if established else {}

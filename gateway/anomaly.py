@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from gateway import metrics
-from gateway.anomaly_batch import Plan, Run, minute_counts, new_members, plan
+from gateway.anomaly_batch import Folded, Plan, Run, minute_counts, new_members, plan
 from gateway.anomaly_redis import RedisStore
 from gateway.anomaly_state import (
     METRICS,
@@ -26,7 +26,6 @@ from gateway.anomaly_state import (
     Observation,
     Reading,
     Rolled,
-    Save,
     Store,
     Visited,
     Window,
@@ -71,6 +70,12 @@ def fold(baseline: Baseline, value: float, settings: AnomalySettings, metric: st
     return Baseline((1 - alpha) * baseline.mean + alpha * value, spread, baseline.count + 1)
 
 
+def _wake(work: asyncio.Future[None] | None) -> None:
+    """Ends the consumer's wait, if it is waiting."""
+    if work is not None and not work.done():
+        work.set_result(None)
+
+
 def open_store(settings: Settings) -> Store:
     """Redis when configured (shared by replicas), memory otherwise."""
     if settings.redis.url is None:
@@ -105,28 +110,8 @@ class _Pass:
     found per request (position) and identity kind."""
 
     batch: Sequence[Observation]
-    folded: _Folded
+    folded: Folded
     found: dict[tuple[int, str], list[Anomaly]] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class _Folded:
-    """The baselines a batch folded and has not written yet, per identity key: its later
-    requests take them from here, where one by one they would read them back from the store."""
-
-    latest: dict[str, Rolled] = field(default_factory=dict)
-
-    def carry(self, key: str, rolled: Rolled) -> Rolled:
-        kept = self.latest.get(key)
-        if kept is None:
-            return rolled
-        return Rolled(rolled.current, rolled.closed, kept.baselines, kept.history)
-
-    def keep(self, key: str, rolled: Rolled) -> None:
-        self.latest[key] = rolled
-
-    def saves(self) -> list[Save]:
-        return [Save(key, rolled.baselines, rolled.history) for key, rolled in self.latest.items()]
 
 
 class AnomalyDetector:
@@ -153,15 +138,18 @@ class AnomalyDetector:
         self._queue_size = settings.queue_size
         self._analysing = 0  # taken, not analysed yet
         self._work: asyncio.Future[None] | None = None  # the task, waiting for requests
+        self._wake_at = 1  # requests pending that end the task's wait
+        self._linger = settings.batch_linger
         self._drained: list[asyncio.Future[None]] = []  # `drain` calls, waiting for it all
 
     def submit(self, observation: Observation) -> None:
         if len(self._pending) >= self._queue_size:
             metrics.ANOMALY_DROPPED.inc()
             return
-        self._pending.append(observation)
+        pending = self._pending
+        pending.append(observation)
         work = self._work
-        if work is not None and not work.done():
+        if work is not None and len(pending) >= self._wake_at and not work.done():
             work.set_result(None)
 
     def start(self) -> None:
@@ -184,15 +172,16 @@ class AnomalyDetector:
         while self._pending or self._analysing:
             done = asyncio.get_running_loop().create_future()
             self._drained.append(done)
+            _wake(self._work)  # a batch waiting to fill is read now
             await done
 
     async def _consume(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not self._pending:
                 self._wake_drained()
-                self._work = loop.create_future()
-                await self._work
+                await self._wait_for(1)
+            if self._linger and len(self._pending) < _BATCH and not self._drained:
+                await self._wait_for(_BATCH, self._linger)
             batch = self._pending[:_BATCH]
             del self._pending[:_BATCH]
             self._analysing = len(batch)
@@ -204,6 +193,17 @@ class AnomalyDetector:
                             requests=len(batch))  # fmt: skip
             finally:
                 self._analysing = 0
+
+    async def _wait_for(self, count: int, linger: float | None = None) -> None:
+        """Until `count` requests are pending, `linger` seconds have passed or `drain` is
+        called. (Lingering lets one read of the store serve more requests.)"""
+        loop = asyncio.get_running_loop()
+        work = self._work = loop.create_future()
+        self._wake_at = count
+        timer = None if linger is None else loop.call_later(linger, _wake, work)
+        await work
+        if timer is not None:
+            timer.cancel()
 
     def _wake_drained(self) -> None:
         waiting, self._drained = self._drained, []
@@ -225,9 +225,9 @@ class AnomalyDetector:
         cooldown claims stay atomic in the store, so replicas still raise an anomaly once.)
         An identity's requests of one minute are read as one visit (`gateway.anomaly_batch`)
         and each one's view is recovered from it."""
-        planned = plan(batch, self._windows, first_use=self.settings.first_use)
+        planned = plan(batch, self._windows(batch), first_use=self.settings.first_use)
         readings = await self.store.read(planned.steps)
-        work = _Pass(batch, _Folded())
+        work = _Pass(batch, Folded())
         found = self._analyse(work, planned, readings)
         saves = work.folded.saves()
         if not saves and not found:
@@ -241,10 +241,16 @@ class AnomalyDetector:
             self._emit(anomaly)
         return raised
 
-    def _windows(self, obs: Observation) -> tuple[Window, ...]:
-        if obs.status != 401 and not obs.injection_blocks:
-            return ()  # most requests: no rule counts them
-        return tuple((burst.key, burst.window) for burst in self._bursts(obs))
+    def _windows(self, batch: Sequence[Observation]) -> list[tuple[int, tuple[Window, ...]]]:
+        """The requests (positions) that add events to rule windows, with their events."""
+        found = []
+        for position, obs in enumerate(batch):
+            if obs.status != 401 and not obs.injection_blocks:
+                continue  # most requests: no rule counts them
+            windows = tuple((burst.key, burst.window) for burst in self._bursts(obs))
+            if windows:
+                found.append((position, windows))
+        return found
 
     def _analyse(self, work: _Pass, planned: Plan, readings: Sequence[Reading]) -> list[Anomaly]:
         """Every detector on every request, in the batch's order (per request: its principal,
@@ -268,26 +274,47 @@ class AnomalyDetector:
         return found
 
     def _analyse_run(self, work: _Pass, run: Run, visited: Visited) -> None:
-        """The identity detectors on each request of a run. Scoring and first use need the
-        identity's history; only then is each request's view recovered."""
+        """The identity detectors on each request of a run that any of them can flag. Scoring
+        and first use need the identity's history; only then is each request's view
+        recovered. (The hour check flags none within `hour_min_days` of the first use.)"""
         batch = work.batch
         rolled = self._roll(run.key, visited.rolled, work.folded)
         established = rolled.history >= self.settings.min_history
         hours, first = visited.hours
-        if not established and (run.minute + 1) * 60 - first <= self._hour_after:
-            return  # a young identity: no request of this minute can be scored or checked
+        at_hour = total = 0.0
+        hour_checked = (run.minute + 1) * 60 - first > self._hour_after
+        if hour_checked:  # each request adds one to both, so the hour's share only grows:
+            at_hour, total = hours[run.hour], sum(hours)  # none is rare if the first's is not
+            hour_checked = total > 0 and at_hour / total < self.settings.hour_min_share
+        if not established and not hour_checked:
+            return  # no request of this minute can be scored or flagged for its hour
         first_added = new_members(run, visited) if established else {}
-        counts = minute_counts(run, batch, visited, first_added) if established else []
-        at_hour, total = hours[run.hour], sum(hours)
-        for request, position in enumerate(run.positions):
-            obs, hits = batch[position], list[Anomaly]()
-            if established:
+        scored = established and not self._quiet(run, batch, rolled)
+        counts = minute_counts(run, batch, visited, first_added) if scored else []
+        every = scored or hour_checked
+        for request in range(len(run.positions)) if every else sorted(first_added):
+            obs, hits = batch[run.positions[request]], list[Anomaly]()
+            if scored:
                 self._score(run.kind, run.ident, (counts[request], rolled.baselines), obs, hits)
-                self._first_use(run.kind, run.ident, obs, first_added.get(request, set()), hits)
-            self._hour(run.kind, run.ident, obs, (at_hour + request, total + request, first),
-                       hits)  # fmt: skip
+            if request in first_added:
+                self._first_use(run.kind, run.ident, obs, first_added[request], hits)
+            if hour_checked:
+                self._hour(run.kind, run.ident, obs, (at_hour + request, total + request,
+                           first), hits)  # fmt: skip
             if hits:
-                work.found[position, run.kind] = hits
+                work.found[run.positions[request], run.kind] = hits
+
+    def _quiet(self, run: Run, batch: Sequence[Observation], rolled: Rolled) -> bool:
+        """Whether no request of the run scores an anomaly: when none adds a negative count
+        (tokens come from upstream), its counts only grow, so none does if the last one, with
+        the counts after the run, does not."""
+        if any(batch[p].tokens < 0 or batch[p].violations < 0 or batch[p].redactions < 0
+               for p in run.positions):  # fmt: skip
+            return False
+        found: list[Anomaly] = []
+        last = batch[run.positions[-1]]
+        self._score(run.kind, run.ident, (rolled.current, rolled.baselines), last, found)
+        return not found
 
     def _burst(self, obs: Observation, counts: Sequence[int], found: list[Anomaly]) -> None:
         for burst, count in zip(self._bursts(obs), counts, strict=True):
@@ -295,7 +322,7 @@ class AnomalyDetector:
                 found.append(Anomaly(burst.detector, burst.kind, burst.identity, count,
                                      burst.threshold, 0, "high", obs.at))  # fmt: skip
 
-    def _roll(self, key: str, rolled: Rolled, folded: _Folded) -> Rolled:
+    def _roll(self, key: str, rolled: Rolled, folded: Folded) -> Rolled:
         """The identity's minute with its baselines as of now: the last ones folded in this
         batch if any, then the minute that just closed, if one did."""
         rolled = folded.carry(key, rolled)

@@ -4,17 +4,28 @@ minute, and each request's own view recovered from its visit's reading.
 Owns grouping a batch into runs (consecutive requests of one identity in one minute), the
 `Visit` that stands for a run (summed counts, each member once), the steps of rule-window
 events, and, from a run's `Visited`, what each of its requests would have read one by one:
-its minute's counts, which of its members were new, and the hourly counts before it. The
-counts are whole numbers, so the sums and differences are exact. Must not score anything
-(`gateway.anomaly` does) nor touch a store.
+its minute's counts, which of its members were new, and the hourly counts before it; and
+`Folded`, the baselines the batch folded, which its later requests read before they are
+written. The counts are whole numbers, so the sums and differences are exact. Must not
+score anything (`gateway.anomaly` does) nor touch a store.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from gateway.anomaly_state import STATE_TTL, Observation, Seen, Step, Visit, Visited, Window
+from gateway.anomaly_state import (
+    STATE_TTL,
+    Observation,
+    Rolled,
+    Save,
+    Seen,
+    Step,
+    Visit,
+    Visited,
+    Window,
+)
 
 ADDED = ("requests", "tokens", "errors", "violations", "redactions")
 """What every request adds to its identity's minute; `models` is counted by the store."""
@@ -68,78 +79,137 @@ class Plan:
 
 def plan(
     batch: Sequence[Observation],
-    windows_of: Callable[[Observation], tuple[Window, ...]],
+    windows: Sequence[tuple[int, tuple[Window, ...]]],
     *,
     first_use: bool,
 ) -> Plan:
     """One step per run, in the order the runs start, and one per request with window
-    events. Reordering steps of different keys changes nothing; a run ends where its
-    identity's next request has another minute, so each key's steps keep their order."""
-    runs: list[Run] = []
-    window_steps: list[tuple[int, tuple[Window, ...]]] = []
-    open_runs: dict[tuple[str, str], Run] = {}
-    for position, obs in enumerate(batch):
-        minute = int(obs.at // 60)
-        for kind, ident in obs.identities():
-            run = open_runs.get((kind, ident))
-            if run is None or run.minute != minute:
-                run = open_runs[kind, ident] = Run(kind, ident, minute)
-                runs.append(run)
-            run.positions.append(position)
-        windows = windows_of(obs)
-        if windows:
-            window_steps.append((position, windows))
+    events (`windows`: their positions in the batch, in order, and events). Reordering steps
+    of different keys changes nothing; a run ends where its identity's next request has
+    another minute, so each key's steps keep their order."""
     result = Plan()
-    for run in runs:
-        run.visit, run.firsts = _visit(run, batch, first_use)
+    tally = _Tally([], (), [])
+    for run in _runs(batch):
+        if run.positions != tally.positions:  # a tenant's run is often its principal's
+            tally = _tally(run.positions, batch, first_use)
+        run.visit, run.firsts = _visit(run, tally, first_use)
         at = batch[run.positions[0]].at
         result.steps.append(Step((run.visit,), run.minute, run.hour, at))
         result.owners.append(run)
-    for position, windows in window_steps:
+    for position, events in windows:
         at = batch[position].at
-        result.steps.append(Step((), int(at // 60), int(at // 3600) % 24, at, windows))
+        result.steps.append(Step((), int(at // 60), int(at // 3600) % 24, at, events))
         result.owners.append(position)
     return result
 
 
-def _visit(run: Run, batch: Sequence[Observation], first_use: bool) -> tuple[Visit, list[int]]:
+def _runs(batch: Sequence[Observation]) -> list[Run]:
+    """The batch's runs in the order they start (at one request: its principal's first).
+    (One dictionary per kind, written out twice: a loop over both kinds, or keys that
+    name the kind, cost a request more than the rest of its planning.)"""
+    runs: list[Run] = []
+    principals: dict[str, Run] = {}
+    tenants: dict[str, Run] = {}
+    for position, obs in enumerate(batch):
+        minute = int(obs.at // 60)
+        principal, tenant = obs.principal, obs.tenant
+        if principal:
+            run = principals.get(principal)
+            if run is None or run.minute != minute:
+                run = principals[principal] = Run("principal", principal, minute)
+                runs.append(run)
+            run.positions.append(position)
+        if tenant:
+            run = tenants.get(tenant)
+            if run is None or run.minute != minute:
+                run = tenants[tenant] = Run("tenant", tenant, minute)
+                runs.append(run)
+            run.positions.append(position)
+    return runs
+
+
+@dataclass(slots=True)
+class _Tally:
+    """What requests (positions in a batch) add, summed: the totals of `ADDED` and, in the
+    order adding them one by one finds them, each new model and endpoint (0 and 1) with the
+    request (index in `positions`) that brought it first."""
+
+    positions: list[int]
+    totals: tuple[float, ...]
+    members: list[tuple[int, int, str]]
+
+
+def _tally(positions: list[int], batch: Sequence[Observation], first_use: bool) -> _Tally:
+    """(What `added` gives each request, summed in one pass: whole numbers, so exactly.)"""
+    tokens = errors = violations = redactions = 0
+    models: set[str] = set()
+    endpoints: set[str] = set()
+    members: list[tuple[int, int, str]] = []
+    for request, position in enumerate(positions):
+        obs = batch[position]
+        tokens += obs.tokens
+        status = obs.status
+        if status >= 500 or status in _FAILED:
+            errors += 1
+        violations += obs.violations
+        redactions += obs.redactions
+        model, endpoint = obs.model, obs.endpoint
+        if model is not None and model not in models:
+            models.add(model)
+            members.append((request, 0, model))
+        if first_use and endpoint is not None and endpoint not in endpoints:
+            endpoints.add(endpoint)
+            members.append((request, 1, endpoint))
+    totals = (float(len(positions)), float(tokens), float(errors), float(violations),
+              float(redactions))  # fmt: skip
+    return _Tally(positions, totals, members)
+
+
+def _visit(run: Run, tally: _Tally, first_use: bool) -> tuple[Visit, list[int]]:
     """The run as one visit, and for each of its members the request (index in the run) that
-    added it first. (What `added` gives each request, summed in one pass; a request's model
-    is new to the minute's set exactly when it is new to the identity's set of models in the
-    run, so one set of models stands for both.)"""
+    added it first. (A request's model is new to the minute's set exactly when it is new to
+    the identity's set of models in the run, so one set of models stands for both.)"""
     base = f"{run.kind}:{run.ident}"
     minute_models = f"mm:{base}:{run.minute}"
     models, endpoints = f"models:{base}", f"endpoints:{base}"
-    tokens = errors = violations = redactions = 0.0
-    seen_models: set[str] = set()
-    seen_endpoints: set[str] = set()
+    counts = dict(zip(ADDED, tally.totals, strict=True))
     seen: list[Seen] = []
     firsts: list[int] = []
-    for request, position in enumerate(run.positions):
-        obs = batch[position]
-        _, request_tokens, error, violation, redaction = added(obs)
-        tokens += request_tokens
-        errors += error
-        violations += violation
-        redactions += redaction
-        model, endpoint = obs.model, obs.endpoint
-        if model is not None and model not in seen_models:
-            seen_models.add(model)
-            seen.append((minute_models, model, _MINUTE_MEMBERS_TTL))
+    new_model = None
+    for request, kind, member in tally.members:
+        if kind == 1:
+            seen.append((endpoints, member, STATE_TTL))
             firsts.append(request)
-            if first_use:
-                seen.append((models, model, STATE_TTL))
-                firsts.append(request)
-        if first_use and endpoint is not None and endpoint not in seen_endpoints:
-            seen_endpoints.add(endpoint)
-            seen.append((endpoints, endpoint, STATE_TTL))
+            continue
+        new_model = minute_models
+        seen.append((minute_models, member, _MINUTE_MEMBERS_TTL))
+        firsts.append(request)
+        if first_use:
+            seen.append((models, member, STATE_TTL))
             firsts.append(request)
-    totals = (float(len(run.positions)), tokens, errors, violations, redactions)
-    counts = dict(zip(ADDED, totals, strict=True))
-    if not seen_models:
+    if new_model is None:
         counts["models"] = 0.0
-    new_model = minute_models if seen_models else None
     return Visit(base, counts, tuple(seen), new_model, len(run.positions)), firsts
+
+
+@dataclass(slots=True)
+class Folded:
+    """The baselines a batch folded and has not written yet, per identity key: its later
+    requests take them from here, where one by one they would read them back from the store."""
+
+    latest: dict[str, Rolled] = field(default_factory=dict)
+
+    def carry(self, key: str, rolled: Rolled) -> Rolled:
+        kept = self.latest.get(key)
+        if kept is None:
+            return rolled
+        return Rolled(rolled.current, rolled.closed, kept.baselines, kept.history)
+
+    def keep(self, key: str, rolled: Rolled) -> None:
+        self.latest[key] = rolled
+
+    def saves(self) -> list[Save]:
+        return [Save(key, rolled.baselines, rolled.history) for key, rolled in self.latest.items()]
 
 
 def minute_counts(

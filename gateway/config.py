@@ -313,6 +313,9 @@ class PseudonymKey(Section):
 class AnomalySettings(Section):
     enabled: bool = Field(True, description="Run the online anomaly detectors.")
     queue_size: int = Field(10000, ge=1, description="Pending requests before detection drops.")
+    batch_linger: float = Field(
+        0.05, ge=0, le=1, description="Seconds detection waits to fill a batch (0: no wait)."
+    )
     min_history: int = Field(10, ge=1, description="Active minutes of baseline before scoring.")
     cooldown: float = Field(600.0, gt=0, description="Seconds before one anomaly is raised again.")
     threshold: float = Field(6.0, gt=0, description="Robust score at which an anomaly is raised.")

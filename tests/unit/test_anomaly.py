@@ -375,7 +375,9 @@ async def test_one_read_of_many_steps_finds_what_reading_each_alone_finds(store_
               for prefix in ("t:one:", "t:many:")]  # fmt: skip
     detector, _ = detector_with(MemoryStore(), hour_min_days=0.01)
     traffic = random_traffic(random.Random(5), 400)
-    steps = [s for obs in traffic for s in plan([obs], detector._windows, first_use=True).steps]
+    steps = [
+        s for obs in traffic for s in plan([obs], detector._windows([obs]), first_use=True).steps
+    ]
     alone = [reading for step in steps for reading in await stores[0].read([step])]
     together = []
     for batch in in_batches(steps, random.Random(6)):
@@ -479,7 +481,7 @@ async def test_each_request_of_a_run_reads_what_it_reads_alone(store_url):
     traffic = random_traffic(random.Random(21), 400)
     alone = {}
     for position, obs in enumerate(traffic):
-        planned = plan([obs], detector._windows, first_use=True)
+        planned = plan([obs], detector._windows([obs]), first_use=True)
         readings = await one.read(planned.steps)
         for run, reading in zip(planned.owners, readings, strict=True):
             if isinstance(run, int):
@@ -492,7 +494,7 @@ async def test_each_request_of_a_run_reads_what_it_reads_alone(store_url):
 
     together, runs, offset = {}, 0, 0
     for batch in in_batches(traffic, random.Random(22)):
-        planned = plan(batch, detector._windows, first_use=True)
+        planned = plan(batch, detector._windows(batch), first_use=True)
         readings = await many.read(planned.steps)
         for run, reading in zip(planned.owners, readings, strict=True):
             if isinstance(run, int):

@@ -184,10 +184,11 @@ def limit_words(limits: Sequence[Limit], slots: Sequence[int]) -> str:
 
 
 class Batch:
-    """Operations gathered for one script call, and the futures their callers await (None
-    for a settlement nobody awaits; `queued` holds the queue times of those)."""
+    """Operations gathered for one script call, and the futures their callers await. A
+    settlement whose failure its caller does not hear (`add_settlement`) is one of `quiet`,
+    with its queue time in `queued`: its future ends with None if the batch fails."""
 
-    __slots__ = ("slots", "words", "seen", "operations", "waiters", "queued")
+    __slots__ = ("slots", "words", "seen", "operations", "waiters", "quiet", "queued")
 
     def __init__(self) -> None:
         self.slots: dict[str, int] = {}  # key -> its index in KEYS (from 1): each key sent once
@@ -196,7 +197,8 @@ class Batch:
         # each Limit; keeping it alive keeps its id from being reused within the batch.
         self.seen: dict[int, tuple[tuple[Limit, ...], str]] = {}
         self.operations: list[str] = []
-        self.waiters: list[asyncio.Future[Any] | None] = []
+        self.waiters: list[asyncio.Future[Any]] = []
+        self.quiet: list[asyncio.Future[Any]] = []
         self.queued: list[float] = []
 
     def words_of(self, tag: str, limits: tuple[Limit, ...]) -> str:
@@ -222,25 +224,28 @@ class Batch:
             flush(self)
         return waiter
 
-    def add_unawaited(self, operation: str, queued: float) -> None:
-        """Queues a settlement whose reply nobody awaits."""
+    def add_settlement(self, operation: str, queued: float) -> asyncio.Future[Any]:
+        """Queues a settlement whose future ends when the batch is answered, failed or not
+        (the caller of `flush` reports how it went); the caller sends a full batch."""
+        waiter = asyncio.get_running_loop().create_future()
         self.operations.append(operation)
-        self.waiters.append(None)
+        self.waiters.append(waiter)
+        self.quiet.append(waiter)
         self.queued.append(queued)
+        return waiter
 
     def to_send(self) -> list[int]:
         """Indexes of the operations to send: all but reservations whose caller is gone (the
         client went away); a settlement goes even then, to free what its request held."""
         operations, waiters = self.operations, self.waiters
         return [i for i, waiter in enumerate(waiters)
-                if waiter is None or not waiter.cancelled()
-                or not is_reservation(operations[i])]  # fmt: skip
+                if not waiter.cancelled() or not is_reservation(operations[i])]  # fmt: skip
 
     def resolve(self, sent: list[int], replies: Sequence[Any]) -> None:
         waiters = self.waiters
         for i, reply in zip(sent, replies, strict=True):
             waiter = waiters[i]
-            if waiter is not None and not waiter.done():  # done: its caller was cancelled
+            if not waiter.done():  # done: its caller was cancelled meanwhile
                 waiter.set_result(reply)
 
     def finish(self, task: asyncio.Task[None]) -> None:
@@ -249,8 +254,12 @@ class Batch:
         error = None if cancelled else task.exception()
         if not cancelled and error is None:
             return
+        if error is not None:
+            for waiter in self.quiet:
+                if not waiter.done():
+                    waiter.set_result(None)
         for waiter in self.waiters:
-            if waiter is None or waiter.done():
+            if waiter.done():
                 continue
             if error is None:
                 waiter.cancel()

@@ -64,8 +64,9 @@ class RedisBackend:
     A failed batch fails every caller in it alike; a cancelled caller does not disturb the
     others. A caller waits at most for the batch ahead of it and its own: two deadlines.
 
-    `queue_settle` queues a settlement nobody waits for: `settled`, given at construction, then
-    hears once per batch of the queue times of those it held and the batch's error, if any.
+    `queue_settle` queues a settlement whose caller waits for its batch but does not hear of
+    a failure: `settled`, given at construction, hears once per batch of the queue times of
+    those it held and the batch's error, if any.
     """
 
     name = "redis"
@@ -96,13 +97,18 @@ class RedisBackend:
         words = batch.words_of(self._tag, reservation.limits)
         await batch.add(settle_operation(reservation, used, _stamp(now_ms), words), self._flush)
 
-    def queue_settle(self, reservation: Reservation, used: int, queued: float) -> None:
-        """Queues a settlement on the server's clock without waiting for it (see the class)."""
+    def queue_settle(
+        self, reservation: Reservation, used: int, queued: float
+    ) -> asyncio.Future[Any]:
+        """Queues a settlement on the server's clock; its future ends when its batch is
+        answered, failed or not: how it went is for `settled` (see the class)."""
         batch = self._open or self._new_batch()
         words = batch.words_of(self._tag, reservation.limits)
-        batch.add_unawaited(settle_operation(reservation, used, SERVER_CLOCK, words), queued)
+        operation = settle_operation(reservation, used, SERVER_CLOCK, words)
+        waiter = batch.add_settlement(operation, queued)
         if len(batch.waiters) >= BATCH_SIZE:
             self._flush(batch)
+        return waiter
 
     async def ping(self) -> None:
         await self._call(self._client.ping())
@@ -267,23 +273,24 @@ class Limiter:
         self._observe(decision, time.perf_counter() - started)
         return decision
 
-    def settle(self, reservation: Reservation, used: int) -> None:
+    def settle(self, reservation: Reservation, used: int) -> asyncio.Future[Any] | None:
         """Charges `used` tokens instead of the granted ones and frees the concurrency slot.
 
-        On Redis the settlement joins the next batch and is not awaited (the request has its
-        answer; Redis applies it in order before any later reservation of this process):
-        `_settled` counts its failure for the breaker when the batch answers."""
+        On Redis the settlement joins the next batch: the future it returns ends when that
+        batch is answered (a whole answer is sent only then, so no replica sees the request
+        still holding what it settled), failed or not; `_settled` counts a failure for the
+        breaker. Returning the future, not awaiting it here, spares a coroutine per request."""
         redis = self.redis
         if redis is None or reservation.backend == self.memory.name:
             self.memory.settle_now(reservation, used, self._now_ms())
-            return
+            return None
         if not self.breaker.allows():
             log.warning("ratelimit_settle_skipped", reason="breaker_open")
-            return
-        redis.queue_settle(reservation, used, time.perf_counter())
+            return None
+        return redis.queue_settle(reservation, used, time.perf_counter())
 
     def _settled(self, queued: list[float], error: BaseException | None) -> None:
-        """How a batch's unawaited settlements went: each queued at a `perf_counter` time."""
+        """How a batch's queued settlements went: each queued at a `perf_counter` time."""
         if error is None:
             self.breaker.succeeded()
             now = time.perf_counter()

@@ -119,7 +119,9 @@ class RateLimit(Stage):
         reservation = ticket.reservation
         used = _used(exchange, ticket) if ticket.metered else reservation.granted
         if used != reservation.granted or ticket.holds_slot:  # else nothing to settle
-            self._limiter.settle(reservation, used)
+            settling = self._limiter.settle(reservation, used)
+            if settling is not None:
+                await settling  # Redis holds the settlement before the answer goes
 
     def _plan(self, exchange: Exchange) -> _Plan:
         """The caller's plan: what it depends on (model, key, subject, tenant, tier) is its key."""

@@ -383,35 +383,30 @@ def _settle_count() -> float:
     return REGISTRY.get_sample_value("gateway_ratelimit_seconds_count", labels) or 0.0
 
 
-async def test_a_settlement_is_not_awaited_yet_reaches_redis_before_later_reservations(
-    redis_server,
-):
+async def test_a_settlement_ends_when_its_batch_is_answered(redis_server):
     limiter = _limiter(redis_server.url, "closed")
     limit = slots(1, key=uuid.uuid4().hex)
     try:
         held = await limiter.reserve(ask(limit))
         before = _settle_count()
-        assert limiter.settle(held.reservation, 0) is None  # queued: nothing to await
-        assert (await limiter.reserve(ask(limit))).allowed  # its batch freed the slot first
-        await asyncio.sleep(0)  # the batch's report follows the answers to its callers
+        settling = limiter.settle(held.reservation, 0)
+        assert settling is not None and not settling.done()  # queued in the next batch
+        await settling
+        assert (await limiter.reserve(ask(limit))).allowed  # Redis freed the slot
         assert _settle_count() - before == 1  # its time was observed when its batch answered
         assert not limiter.breaker.is_open
     finally:
         await limiter.close()
 
 
-async def test_unawaited_settlements_that_fail_count_for_the_breaker(redis_server):
+async def test_settlements_of_a_failed_batch_end_quietly_and_count_for_the_breaker(redis_server):
     limiter = _limiter(redis_server.url, "open")  # opens after two failures
     limit = slots(5, key=uuid.uuid4().hex)
     try:
         held = [await limiter.reserve(ask(limit)) for _ in range(2)]
         redis_server.stop()
-        for decision in held:
-            limiter.settle(decision.reservation, 0)
-        for _ in range(100):
-            if limiter.breaker.is_open:
-                break
-            await asyncio.sleep(0.01)
+        settling = [limiter.settle(decision.reservation, 0) for decision in held]
+        assert await asyncio.gather(*settling) == [None, None]  # the request does not fail
         assert limiter.breaker.is_open  # one failed batch, two settlements: two failures
     finally:
         await limiter.close()

@@ -37,9 +37,10 @@ _PLANS_KEPT = 65_536  # callers whose plans are kept
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
-    """What applies to one caller and model, worked out once: the dimensions and their values,
-    their limits (None when a budget applies: its limits follow the clock, so each request
-    builds them), and whether a budget applies, usage is metered and a slot is held."""
+    """What applies to one caller and model, worked out once: the dimensions and their values
+    (none when nothing limits the caller), their limits (None when a budget applies: its
+    limits follow the clock, so each request builds them), and whether a budget applies,
+    usage is metered and a slot is held."""
 
     found: tuple[tuple[str, str, LimitValues], ...]
     limits: tuple[Limit, ...] | None
@@ -136,14 +137,18 @@ class RateLimit(Stage):
         if plan is None:
             if len(self._plans) >= _PLANS_KEPT:
                 self._plans.clear()  # many idle callers: start over rather than grow
-            found = tuple(self._dimensions(exchange, principal))
-            limits = self._limits_of(found)
-            kinds = {lim.kind for lim in limits}
-            fixed = "b" not in kinds  # budgets follow the clock: their limits are built anew
-            plan = _Plan(found, limits if fixed else None, not fixed, kinds & {"b", "t"} != set(),
-                         "c" in kinds)  # fmt: skip
-            self._plans[caller] = plan
+            plan = self._plans[caller] = self._new_plan(exchange, principal)
         return plan
+
+    def _new_plan(self, exchange: Exchange, principal: Principal | None) -> _Plan:
+        found = tuple(self._dimensions(exchange, principal))
+        limits = self._limits_of(found)
+        if not limits:  # dimensions whose values set no limit: unlimited
+            return _Plan((), (), budget=False, metered=False, holds_slot=False)
+        kinds = {lim.kind for lim in limits}
+        fixed = "b" not in kinds  # budgets follow the clock: their limits are built anew
+        return _Plan(found, limits if fixed else None, budget=not fixed,
+                     metered=bool(kinds & {"b", "t"}), holds_slot="c" in kinds)  # fmt: skip
 
     def _limits_of(self, found: tuple[tuple[str, str, LimitValues], ...]) -> tuple[Limit, ...]:
         limits_for = self._limiter.limits_for

@@ -181,8 +181,9 @@ async def test_concurrency_is_released_on_complete():
     await rate_limit.on_request(exchange())
 
 
-async def test_no_limits_configured_changes_nothing():
-    rate_limit = stage()
+@pytest.mark.parametrize("limits", [{}, {"tiers": {"t": {}}, "assignment": {"default_tier": "t"}}])
+async def test_no_limits_configured_changes_nothing(limits):
+    rate_limit = stage(**limits)  # no tier, or a tier that sets no limit
     ex = exchange(stream=True)
     await rate_limit.on_request(ex)
     assert ex.ratelimit_outcome == "unlimited" and not ex.body_changed and not ex.response_headers

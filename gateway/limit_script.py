@@ -1,17 +1,23 @@
 """The Lua script Redis runs for the limits, and the encoding of its operations.
 
 Owns the batch script (the reservations and settlements one process gathered for one round
-trip, run as one EVALSHA, in order, on one reading of the clock) and the text of each
-operation. The algorithms are those of `gateway.limits`, whose `MemoryBackend` mirrors this
-script line for line. Must not do I/O: `gateway.limiter` gathers and sends the batches.
+trip, run as one EVALSHA, in order, on one reading of the clock), the text of each
+operation, and `Batch`: the operations gathered for one script call and the futures their
+callers await. The algorithms are those of `gateway.limits`, whose `MemoryBackend` mirrors
+this script line for line. Must not do I/O: `gateway.limiter` sends the batches.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+from gateway.errors import ServiceUnavailableError
 from gateway.limits import Ask, Limit, Reservation
+
+BATCH_SIZE = 128  # operations per script call; a fuller batch is sent at once
 
 # The one script Redis runs: a batch of reservations and settlements of one process, applied
 # in order, atomically, with one reading of the clock: each gets the answer it would alone.
@@ -175,3 +181,96 @@ def limit_words(limits: Sequence[Limit], slots: Sequence[int]) -> str:
     words = [f"{slot} {lim.kind} {lim.limit} {lim.window_ms}"
              for lim, slot in zip(limits, slots, strict=True)]  # fmt: skip
     return f"{len(words)} {' '.join(words)}"
+
+
+class Batch:
+    """Operations gathered for one script call, and the futures their callers await. A
+    settlement whose failure its caller does not hear (`add_settlement`) is one of `quiet`,
+    with its queue time in `queued`: its future ends with None if the batch fails."""
+
+    __slots__ = ("slots", "words", "seen", "operations", "waiters", "quiet", "queued")
+
+    def __init__(self) -> None:
+        self.slots: dict[str, int] = {}  # key -> its index in KEYS (from 1): each key sent once
+        self.words: dict[tuple[Limit, ...], str] = {}  # limits -> their words in this batch
+        # id(limits) -> (limits, words): the very tuple seen before is found without hashing
+        # each Limit; keeping it alive keeps its id from being reused within the batch.
+        self.seen: dict[int, tuple[tuple[Limit, ...], str]] = {}
+        self.operations: list[str] = []
+        self.waiters: list[asyncio.Future[Any]] = []
+        self.quiet: list[asyncio.Future[Any]] = []
+        self.queued: list[float] = []
+
+    def words_of(self, tag: str, limits: tuple[Limit, ...]) -> str:
+        """The operation words of `limits` in this batch, encoded once per batch: concurrent
+        requests of one caller (or one tier) share their limits, so most are found."""
+        seen = self.seen.get(id(limits))
+        if seen is not None and seen[0] is limits:
+            return seen[1]
+        words = self.words.get(limits)
+        if words is None:
+            slots = self.slots
+            indexes = [slots.setdefault(tag + lim.key, len(slots) + 1) for lim in limits]
+            words = self.words[limits] = limit_words(limits, indexes)
+        self.seen[id(limits)] = (limits, words)
+        return words
+
+    def add(self, operation: str, flush: Callable[[Batch], None]) -> asyncio.Future[Any]:
+        """Queues `operation`; the future gets its reply. A full batch is sent at once."""
+        waiter = asyncio.get_running_loop().create_future()
+        self.operations.append(operation)
+        self.waiters.append(waiter)
+        if len(self.waiters) >= BATCH_SIZE:
+            flush(self)
+        return waiter
+
+    def add_settlement(self, operation: str, queued: float) -> asyncio.Future[Any]:
+        """Queues a settlement whose future ends when the batch is answered, failed or not
+        (the caller of `flush` reports how it went); the caller sends a full batch."""
+        waiter = asyncio.get_running_loop().create_future()
+        self.operations.append(operation)
+        self.waiters.append(waiter)
+        self.quiet.append(waiter)
+        self.queued.append(queued)
+        return waiter
+
+    def to_send(self) -> list[int]:
+        """Indexes of the operations to send: all but reservations whose caller is gone (the
+        client went away); a settlement goes even then, to free what its request held."""
+        operations, waiters = self.operations, self.waiters
+        return [i for i, waiter in enumerate(waiters)
+                if not waiter.cancelled() or not is_reservation(operations[i])]  # fmt: skip
+
+    def resolve(self, sent: list[int], replies: Sequence[Any]) -> None:
+        waiters = self.waiters
+        for i, reply in zip(sent, replies, strict=True):
+            waiter = waiters[i]
+            if not waiter.done():  # done: its caller was cancelled meanwhile
+                waiter.set_result(reply)
+
+    def finish(self, task: asyncio.Task[None]) -> None:
+        """Hands a failed (or cancelled) send to every caller still waiting."""
+        cancelled = task.cancelled()
+        error = None if cancelled else task.exception()
+        if not cancelled and error is None:
+            return
+        if error is not None:
+            for waiter in self.quiet:
+                if not waiter.done():
+                    waiter.set_result(None)
+        for waiter in self.waiters:
+            if waiter.done():
+                continue
+            if error is None:
+                waiter.cancel()
+            else:
+                waiter.set_exception(_own_copy(error))
+
+
+def _own_copy(error: BaseException) -> BaseException:
+    """Each caller raises its own error, so no traceback is shared between tasks."""
+    if not isinstance(error, ServiceUnavailableError):
+        return error
+    copy = ServiceUnavailableError(error.message)
+    copy.__cause__ = error.__cause__
+    return copy

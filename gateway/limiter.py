@@ -13,6 +13,7 @@ documented in `gateway.limits`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import math
 import secrets
@@ -30,16 +31,15 @@ from gateway.limit_breaker import Breaker
 from gateway.limit_script import (
     BATCH_LUA,
     BATCH_SHA,
+    BATCH_SIZE,
     SERVER_CLOCK,
+    Batch,
     batch_argument,
-    is_reservation,
-    limit_words,
     reserve_operation,
     settle_operation,
 )
 from gateway.limits import (
     Ask,
-    Backend,
     Decision,
     Limit,
     MemoryBackend,
@@ -53,8 +53,6 @@ from gateway.redis_line import RedisLine, packed
 
 log = get_logger("gateway.limiter")
 
-BATCH_SIZE = 128  # operations per script call; a fuller batch is sent at once
-
 
 class RedisBackend:
     """Runs the limit script on Redis; any Redis failure becomes `ServiceUnavailableError`.
@@ -65,30 +63,52 @@ class RedisBackend:
     makes one round trip per Redis latency, not one per request); a full batch goes at once.
     A failed batch fails every caller in it alike; a cancelled caller does not disturb the
     others. A caller waits at most for the batch ahead of it and its own: two deadlines.
+
+    `queue_settle` queues a settlement whose caller waits for its batch but does not hear of
+    a failure: `settled`, given at construction, hears once per batch of the queue times of
+    those it held and the batch's error, if any.
     """
 
     name = "redis"
 
-    def __init__(self, settings: RedisSettings, prefix: str) -> None:
+    def __init__(self, settings: RedisSettings, prefix: str, *,
+                 settled: Settled | None = None) -> None:  # fmt: skip
         self._client = open_redis(settings)
         client = self._client
         self._line = RedisLine(client, settings.timeout) if isinstance(client, Redis) else None
         self._tag = "{" + prefix + "}:"  # one hash tag: every key shares a Cluster slot
         self._deadline = settings.timeout + settings.connect_timeout
-        self._open: _Batch | None = None
+        self._settled = settled
+        self._open: Batch | None = None
         self._sending: set[asyncio.Task[None]] = set()
 
     async def reserve(self, ask: Ask, now_ms: float | None) -> Decision:
         """`now_ms` None uses the Redis server's clock, which orders all replicas' calls."""
-        batch = self._batch()
+        return decision_from(ask, await self.reply_to(ask, now_ms), self.name)
+
+    def reply_to(self, ask: Ask, now_ms: float | None = None) -> asyncio.Future[Any]:
+        """Queues the reservation of `ask`; the future gets the script's reply to it."""
+        batch = self._open or self._new_batch()
         words = batch.words_of(self._tag, ask.limits)
-        reply = await batch.add(reserve_operation(ask, _stamp(now_ms), words), self._flush)
-        return decision_from(ask, reply, self.name)
+        return batch.add(reserve_operation(ask, _stamp(now_ms), words), self._flush)
 
     async def settle(self, reservation: Reservation, used: int, now_ms: float | None) -> None:
-        batch = self._batch()
+        batch = self._open or self._new_batch()
         words = batch.words_of(self._tag, reservation.limits)
         await batch.add(settle_operation(reservation, used, _stamp(now_ms), words), self._flush)
+
+    def queue_settle(
+        self, reservation: Reservation, used: int, queued: float
+    ) -> asyncio.Future[Any]:
+        """Queues a settlement on the server's clock; its future ends when its batch is
+        answered, failed or not: how it went is for `settled` (see the class)."""
+        batch = self._open or self._new_batch()
+        words = batch.words_of(self._tag, reservation.limits)
+        operation = settle_operation(reservation, used, SERVER_CLOCK, words)
+        waiter = batch.add_settlement(operation, queued)
+        if len(batch.waiters) >= BATCH_SIZE:
+            self._flush(batch)
+        return waiter
 
     async def ping(self) -> None:
         await self._call(self._client.ping())
@@ -102,15 +122,13 @@ class RedisBackend:
             await self._line.close()
         await self._client.aclose()
 
-    def _batch(self) -> _Batch:
-        """The batch being gathered; a new one is sent once this event-loop iteration ends."""
-        batch = self._open
-        if batch is None:
-            batch = self._open = _Batch()
-            asyncio.get_running_loop().call_soon(self._flush, batch)
+    def _new_batch(self) -> Batch:
+        """A batch to gather into, sent once this event-loop iteration ends."""
+        batch = self._open = Batch()
+        asyncio.get_running_loop().call_soon(self._flush, batch)
         return batch
 
-    def _flush(self, batch: _Batch) -> None:
+    def _flush(self, batch: Batch) -> None:
         """Sends `batch`, unless it was sent already or one is on its way and it is not full."""
         if batch is not self._open or (self._sending and len(batch.waiters) < BATCH_SIZE):
             return
@@ -118,12 +136,16 @@ class RedisBackend:
         task = asyncio.get_running_loop().create_task(self._send(batch))
         self._sending.add(task)
         task.add_done_callback(batch.finish)
+        if batch.queued and self._settled is not None:
+            task.add_done_callback(functools.partial(_report, self._settled, batch.queued))
 
-    async def _send(self, batch: _Batch) -> None:
+    async def _send(self, batch: Batch) -> None:
         try:
             sent = batch.to_send()
             if sent:
-                operations = [batch.operations[i] for i in sent]
+                operations = batch.operations
+                if len(sent) < len(operations):
+                    operations = [operations[i] for i in sent]
                 batch.resolve(sent, await self._run(list(batch.slots), operations))
         finally:
             self._sending.discard(asyncio.current_task())
@@ -131,115 +153,53 @@ class RedisBackend:
                 self._flush(self._open)  # the batch gathered meanwhile
 
     async def _run(self, keys: list[str], operations: list[str]) -> Any:
+        argument = batch_argument(operations)
         try:
-            return await self._call(self._evalsha(keys, operations))
+            return await self._evalsha(keys, argument)
         except NoScriptError:
             pass  # Redis restarted or flushed its script cache: load once, run again
         await self._call(self._client.script_load(BATCH_LUA))
-        return await self._call(self._evalsha(keys, operations))
+        return await self._evalsha(keys, argument)
 
-    async def _evalsha(self, keys: list[str], operations: list[str]) -> Any:
-        line, argument = self._line, batch_argument(operations)
-        if line is None or line.busy:  # Cluster, or a second batch on its way at once
+    async def _evalsha(self, keys: list[str], argument: str) -> Any:
+        """The batch script's reply; on the batch connection (which keeps the deadline itself)
+        unless this is Cluster or a second batch is on its way at once."""
+        line = self._line
+        if line is None or line.busy:
             return await self._call(self._client.evalsha(BATCH_SHA, len(keys), *keys, argument))
-        return await _translated(line.run(_evalsha_command(keys, argument), self._deadline))
+        try:
+            return await line.run(_evalsha_command(keys, argument), self._deadline)
+        except NoScriptError:
+            raise
+        except _REDIS_ERRORS as exc:
+            raise _unavailable(exc) from exc
 
     async def _call(self, command: Awaitable[Any]) -> Any:
-        return await _translated(_within(self._deadline, command))
+        """`command`'s reply within the deadline; Redis failures (not NOSCRIPT, which the
+        caller handles) as `ServiceUnavailableError`."""
+        try:
+            async with asyncio.timeout(self._deadline):
+                return await command
+        except NoScriptError:
+            raise
+        except _REDIS_ERRORS as exc:
+            raise _unavailable(exc) from exc
+
+
+Settled = Callable[[list[float], BaseException | None], None]
+_REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
+
+
+def _report(settled: Settled, queued: list[float], task: asyncio.Task[None]) -> None:
+    """Tells `settled` how the batch of these unawaited settlements went (not if cancelled:
+    the process is closing)."""
+    if not task.cancelled():
+        settled(queued, task.exception())
 
 
 def _evalsha_command(keys: list[str], argument: str) -> bytes:
     """EVALSHA of the batch script in Redis's wire form."""
     return packed(["EVALSHA", BATCH_SHA, str(len(keys)), *keys, argument])
-
-
-async def _translated(command: Awaitable[Any]) -> Any:
-    """Redis failures (not NOSCRIPT, which the caller handles) as `ServiceUnavailableError`."""
-    try:
-        return await command
-    except NoScriptError:
-        raise
-    except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
-        raise _unavailable(exc) from exc
-
-
-async def _within(seconds: float, command: Awaitable[Any]) -> Any:
-    async with asyncio.timeout(seconds):
-        return await command
-
-
-class _Batch:
-    """Operations gathered for one script call, and the futures their callers await."""
-
-    __slots__ = ("slots", "words", "seen", "operations", "waiters")
-
-    def __init__(self) -> None:
-        self.slots: dict[str, int] = {}  # key -> its index in KEYS (from 1): each key sent once
-        self.words: dict[tuple[Limit, ...], str] = {}  # limits -> their words in this batch
-        # id(limits) -> (limits, words): the very tuple seen before is found without hashing
-        # each Limit; keeping it alive keeps its id from being reused within the batch.
-        self.seen: dict[int, tuple[tuple[Limit, ...], str]] = {}
-        self.operations: list[str] = []
-        self.waiters: list[asyncio.Future[Any]] = []
-
-    def words_of(self, tag: str, limits: tuple[Limit, ...]) -> str:
-        """The operation words of `limits` in this batch, encoded once per batch: concurrent
-        requests of one caller (or one tier) share their limits, so most are found."""
-        seen = self.seen.get(id(limits))
-        if seen is not None and seen[0] is limits:
-            return seen[1]
-        words = self.words.get(limits)
-        if words is None:
-            slots = self.slots
-            indexes = [slots.setdefault(tag + lim.key, len(slots) + 1) for lim in limits]
-            words = self.words[limits] = limit_words(limits, indexes)
-        self.seen[id(limits)] = (limits, words)
-        return words
-
-    def add(self, operation: str, flush: Callable[[_Batch], None]) -> asyncio.Future[Any]:
-        """Queues `operation`; the future gets its reply. A full batch is sent at once."""
-        waiter = asyncio.get_running_loop().create_future()
-        self.operations.append(operation)
-        self.waiters.append(waiter)
-        if len(self.waiters) >= BATCH_SIZE:
-            flush(self)
-        return waiter
-
-    def to_send(self) -> list[int]:
-        """Indexes of the operations to send: all but reservations whose caller is gone (the
-        client went away); a settlement goes even then, to free what its request held."""
-        operations, waiters = self.operations, self.waiters
-        return [i for i, waiter in enumerate(waiters)
-                if not waiter.cancelled() or not is_reservation(operations[i])]  # fmt: skip
-
-    def resolve(self, sent: list[int], replies: Sequence[Any]) -> None:
-        for i, reply in zip(sent, replies, strict=True):
-            waiter = self.waiters[i]
-            if not waiter.done():  # done: its caller was cancelled meanwhile
-                waiter.set_result(reply)
-
-    def finish(self, task: asyncio.Task[None]) -> None:
-        """Hands a failed (or cancelled) send to every caller still waiting."""
-        cancelled = task.cancelled()
-        error = None if cancelled else task.exception()
-        if not cancelled and error is None:
-            return
-        for waiter in self.waiters:
-            if waiter.done():
-                continue
-            if error is None:
-                waiter.cancel()
-            else:
-                waiter.set_exception(_own_copy(error))
-
-
-def _own_copy(error: BaseException) -> BaseException:
-    """Each caller raises its own error, so no traceback is shared between tasks."""
-    if not isinstance(error, ServiceUnavailableError):
-        return error
-    copy = ServiceUnavailableError(error.message)
-    copy.__cause__ = error.__cause__
-    return copy
 
 
 def _stamp(now_ms: float | None) -> str:
@@ -266,7 +226,9 @@ class Limiter:
         self.clock = clock
         self.memory = MemoryBackend()
         use_redis = settings.backend == "redis" or (settings.backend == "auto" and redis.url)
-        self.redis = RedisBackend(redis, settings.key_prefix) if use_redis else None
+        self.redis = (
+            RedisBackend(redis, settings.key_prefix, settled=self._settled) if use_redis else None
+        )
         breaker = settings.breaker
         self.breaker = Breaker(breaker.failures, breaker.open_seconds, time.monotonic)
         self._lease_ms = math.ceil(settings.lease_seconds * 1000)
@@ -294,46 +256,52 @@ class Limiter:
 
     async def reserve(self, ask: Ask) -> Decision:
         started = time.perf_counter()
-        decision = await self._reserve(ask)
-        backend = decision.reservation.backend if decision.reservation else "any"
-        elapsed = time.perf_counter() - started
-        observe = self._reserve_seconds.get(backend)
-        if observe is None:
-            observe = metrics.observer(metrics.RATELIMIT_SECONDS, backend, "reserve")
-            self._reserve_seconds[backend] = observe
-        observe(elapsed)
-        _count_decision(decision)
+        redis = self.redis
+        if redis is None:
+            decision = self.memory.reserve_now(ask, self._now_ms())
+        elif not self.breaker.allows():
+            decision = self._fallback("breaker_open").reserve_now(ask, self._now_ms())
+        else:
+            try:
+                reply = await redis.reply_to(ask)
+            except ServiceUnavailableError:
+                self.breaker.failed()
+                decision = self._fallback("redis_error").reserve_now(ask, self._now_ms())
+            else:
+                self.breaker.succeeded()
+                decision = decision_from(ask, reply, redis.name)
+        self._observe(decision, time.perf_counter() - started)
         return decision
 
-    async def _reserve(self, ask: Ask) -> Decision:
-        if self.redis is None:
-            return await self.memory.reserve(ask, self._now_ms())
-        if not self.breaker.allows():
-            return await self._fallback("breaker_open").reserve(ask, self._now_ms())
-        try:
-            decision = await self.redis.reserve(ask, None)
-        except ServiceUnavailableError:
-            self.breaker.failed()
-            return await self._fallback("redis_error").reserve(ask, self._now_ms())
-        self.breaker.succeeded()
-        return decision
+    def settle(self, reservation: Reservation, used: int) -> asyncio.Future[Any] | None:
+        """Charges `used` tokens instead of the granted ones and frees the concurrency slot.
 
-    async def settle(self, reservation: Reservation, used: int) -> None:
-        """Charges `used` tokens instead of the granted ones and frees the concurrency slot."""
-        started = time.perf_counter()
-        if reservation.backend == self.memory.name or self.redis is None:
-            await self.memory.settle(reservation, used, self._now_ms())
-            return
+        On Redis the settlement joins the next batch: the future it returns ends when that
+        batch is answered (a whole answer is sent only then, so no replica sees the request
+        still holding what it settled), failed or not; `_settled` counts a failure for the
+        breaker. Returning the future, not awaiting it here, spares a coroutine per request."""
+        redis = self.redis
+        if redis is None or reservation.backend == self.memory.name:
+            self.memory.settle_now(reservation, used, self._now_ms())
+            return None
         if not self.breaker.allows():
             log.warning("ratelimit_settle_skipped", reason="breaker_open")
+            return None
+        return redis.queue_settle(reservation, used, time.perf_counter())
+
+    def _settled(self, queued: list[float], error: BaseException | None) -> None:
+        """How a batch's queued settlements went: each queued at a `perf_counter` time."""
+        if error is None:
+            self.breaker.succeeded()
+            now = time.perf_counter()
+            for started in queued:
+                _SETTLE_SECONDS(now - started)
             return
-        try:
-            await self.redis.settle(reservation, used, None)
-        except ServiceUnavailableError:
-            self.breaker.failed()  # leases expire; tokens of this request stay as reserved
+        if not isinstance(error, ServiceUnavailableError):
+            log.error("ratelimit_settle_failed", exc_info=error)
             return
-        self.breaker.succeeded()
-        _SETTLE_SECONDS(time.perf_counter() - started)
+        for _ in queued:
+            self.breaker.failed()  # leases expire; tokens of these requests stay as reserved
 
     async def check_ready(self) -> str | None:
         """For /readyz: a reason when Redis is down and the limiter fails closed."""
@@ -352,7 +320,16 @@ class Limiter:
     def _now_ms(self) -> float:
         return round(self.clock() * 1000, 3)
 
-    def _fallback(self, reason: str) -> Backend:
+    def _observe(self, decision: Decision, elapsed: float) -> None:
+        backend = decision.reservation.backend if decision.reservation else "any"
+        observe = self._reserve_seconds.get(backend)
+        if observe is None:
+            observe = metrics.observer(metrics.RATELIMIT_SECONDS, backend, "reserve")
+            self._reserve_seconds[backend] = observe
+        observe(elapsed)
+        _count_decision(decision)
+
+    def _fallback(self, reason: str) -> MemoryBackend:
         """The memory backend when failing open; otherwise refuses with 503."""
         action = "memory" if self.settings.failure_mode == "open" else "refused"
         metrics.RATELIMIT_FALLBACK.labels(reason, action).inc()

@@ -58,11 +58,16 @@ class Limit:
     window_ms: int
 
 
-@dataclass(frozen=True, slots=True)
+# Ask, Reservation and Decision are never changed once made, yet not frozen: each request
+# makes one of each, and a frozen dataclass sets every field through `object.__setattr__`,
+# which made building them cost more than reading the script's reply.
+
+
+@dataclass(slots=True)
 class Ask:
     """What one request wants: every limit that applies, and its tokens (most, least).
     The request id names its concurrency slots; it has no spaces nor `;` (the script's
-    separators)."""
+    separators). Not frozen (see above)."""
 
     request_id: str
     limits: tuple[Limit, ...]
@@ -79,24 +84,37 @@ class Standing:
     reset_ms: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reservation:
+    """What an allowed request holds until it settles. Not frozen (see above)."""
+
     request_id: str
     limits: tuple[Limit, ...]
     granted: int
     backend: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
-    """allowed, or refused by `blocked` (retry_ms -1: the request can never pass)."""
+    """allowed, or refused by `blocked` (retry_ms -1: the request can never pass). `reply` is
+    the script's reply, whose tail (from index 4) holds the remaining and reset ms of each
+    limit in turn: `standings` reads them. Not frozen (see above)."""
 
     allowed: bool
     granted: int
     retry_ms: int
     blocked: Limit | None
-    standings: tuple[Standing, ...]
     reservation: Reservation | None
+    limits: tuple[Limit, ...]
+    reply: Sequence[int]
+
+    @property
+    def standings(self) -> tuple[Standing, ...]:
+        """Each limit's state after the decision (read from the reply when asked: most
+        requests only need the headers, which `gateway.stages.rate_limit` reads directly)."""
+        pairs = iter(self.reply[4:])  # remaining, reset of each limit: zip takes them in pairs
+        triples = zip(self.limits, pairs, pairs, strict=False)  # a short reply: those it covers
+        return tuple([Standing(lim, left, reset) for lim, left, reset in triples])
 
 
 class Backend(Protocol):
@@ -277,12 +295,8 @@ def decision_from(ask: Ask, reply: Sequence[Any], backend: str) -> Decision:
     """Reads the script's reply: {allowed, blocked, retry_ms, granted, remaining, reset, ...},
     all integers (Redis turns the script's numbers into integer replies, and `MemoryBackend`
     rounds as the script does)."""
-    limits, granted = ask.limits, reply[3]
-    pairs = iter(reply[4:])  # remaining, reset of each limit in turn: zip takes them in pairs
-    triples = zip(limits, pairs, pairs, strict=False)  # a short reply: the limits it covers
-    standings = tuple([Standing(lim, left, reset) for lim, left, reset in triples])
+    limits = ask.limits
     if not reply[0]:
-        blocked = limits[reply[1] - 1]
-        return Decision(False, granted, reply[2], blocked, standings, None)
-    reservation = Reservation(ask.request_id, limits, granted, backend)
-    return Decision(True, granted, 0, None, standings, reservation)
+        return Decision(False, reply[3], reply[2], limits[reply[1] - 1], None, limits, reply)
+    reservation = Reservation(ask.request_id, limits, reply[3], backend)
+    return Decision(True, reply[3], 0, None, reservation, limits, reply)

@@ -33,7 +33,10 @@ def count_prompt(endpoint: str, body: dict[str, Any]) -> int:
         messages = body.get("messages")
         if not isinstance(messages, list):
             return 0
-        texts = sum(_count_chars(_length_of(m)) for m in messages if isinstance(m, dict))
+        texts = 0
+        for message in messages:  # (a loop: a generator costs more than one message's count)
+            if isinstance(message, dict):
+                texts += _count_chars(_fields_length(message))
         return texts + PER_MESSAGE * len(messages) + REPLY_PRIMING
     if endpoint == "responses":
         return _count_chars(_length_of(body.get("instructions"))) + _count_input(body.get("input"))
@@ -86,15 +89,25 @@ def _length_of(value: Any) -> int:
         return sum(_length_of(part) for part in value)
     if not isinstance(value, dict):
         return 0
+    return _fields_length(value)
+
+
+def _fields_length(value: dict[str, Any]) -> int:
+    """`_length_of` a dict: its text fields, content and tool call functions. One pass over
+    its items (most messages have two) rather than a look-up of each field it may have."""
     length = 0
-    for k in ("text", "name", "arguments", "output"):
-        part = value.get(k)
-        if isinstance(part, str):
-            length += len(part)
-    content = value.get("content")
-    if content is not None:
-        length += _length_of(content)
-    for call in value.get("tool_calls") or ():
-        if isinstance(call, dict):
-            length += _length_of(call.get("function"))
+    for key, part in value.items():
+        if key == "content":
+            if part is not None:
+                length += len(part) if isinstance(part, str) else _length_of(part)
+        elif key in _TEXT_FIELDS:
+            if isinstance(part, str):
+                length += len(part)
+        elif key == "tool_calls":
+            for call in part or ():
+                if isinstance(call, dict):
+                    length += _length_of(call.get("function"))
     return length
+
+
+_TEXT_FIELDS = frozenset(("text", "name", "arguments", "output"))

@@ -11,7 +11,7 @@ nor keep state outside the exchange.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -20,7 +20,7 @@ from gateway.config import LimitSettings, LimitValues
 from gateway.errors import QuotaExceededError, RateLimitError, ServiceUnavailableError
 from gateway.exchange import Exchange, Principal, Usage
 from gateway.limiter import Limiter
-from gateway.limits import Ask, Decision, Limit, Reservation, Standing
+from gateway.limits import Ask, Decision, Limit, Reservation
 from gateway.pipeline import Stage
 from gateway.sse import SseEvent
 from gateway.stream_meter import StreamMeter, usage_of
@@ -31,13 +31,32 @@ USAGE_ENDPOINTS = ("chat.completions", "completions")  # streams that take strea
 _PERIOD = {"daily_tokens": "day", "monthly_tokens": "month"}
 _REQUEST_HEADERS = tuple(f"x-ratelimit-{part}-requests" for part in ("limit", "remaining", "reset"))
 _TOKEN_HEADERS = tuple(f"x-ratelimit-{part}-tokens" for part in ("limit", "remaining", "reset"))
+_MILLISECONDS = tuple(f"{ms}ms" for ms in range(1000))  # resets under a second, made once
+_PLANS_KEPT = 65_536  # callers whose plans are kept
 
 
 @dataclass(frozen=True, slots=True)
+class _Plan:
+    """What applies to one caller and model, worked out once: the dimensions and their values
+    (none when nothing limits the caller), their limits (None when a budget applies: its
+    limits follow the clock, so each request builds them), and whether a budget applies,
+    usage is metered and a slot is held."""
+
+    found: tuple[tuple[str, str, LimitValues], ...]
+    limits: tuple[Limit, ...] | None
+    budget: bool
+    metered: bool
+    holds_slot: bool
+
+
+@dataclass(slots=True)
 class Ticket:
     """What the request reserved: the limiter's reservation, the prompt estimate, the
     completion tokens a budget allows (None when no budget applies), whether a token limit
-    applies (then usage is metered) and whether a concurrency slot is held."""
+    applies (then usage is metered) and whether a concurrency slot is held.
+
+    Never changed once made, yet not frozen: one is made per request, and a frozen dataclass
+    sets each field through `object.__setattr__` (as `gateway.limits` explains for its values)."""
 
     reservation: Reservation
     prompt_tokens: int
@@ -53,26 +72,30 @@ class RateLimit(Stage):
         self._limiter = limiter
         self._settings = settings
         self._merged: dict[tuple[str, str | None], LimitValues] = {}
+        self._plans: dict[tuple[str | None, ...], _Plan] = {}  # caller and model -> plan
 
     async def on_request(self, exchange: Exchange) -> None:
         if exchange.endpoint == "models":
             return
-        ask, prompt = self._ask(exchange)
-        if not ask.limits:
+        plan = self._plan(exchange)
+        if not plan.found:
             exchange.ratelimit_outcome = "unlimited"
             return
+        ask, prompt = self._ask(exchange, plan)
         try:
             decision = await self._limiter.reserve(ask)
         except ServiceUnavailableError:
             exchange.ratelimit_outcome = "unavailable"
             raise
-        headers = rate_headers(decision.standings)
-        if decision.reservation is None:
+        headers = rate_headers(decision.limits, decision.reply)
+        reservation = decision.reservation
+        if reservation is None:
             raise _refusal(exchange, decision, headers, ask)
         exchange.response_headers.update(headers)
-        local = decision.reservation.backend == "memory" and self._limiter.redis is not None
+        local = reservation.backend == "memory" and self._limiter.redis is not None
         exchange.ratelimit_outcome = "allowed_local" if local else "allowed"
-        ticket = _ticket(decision.reservation, prompt, ask)
+        allowance = reservation.granted - prompt if plan.budget and ask.tokens > prompt else None
+        ticket = Ticket(reservation, prompt, allowance, plan.metered, plan.holds_slot)
         exchange.ratelimit_reservation = ticket
         _prepare_body(exchange, ticket, ask)
 
@@ -97,17 +120,46 @@ class RateLimit(Stage):
         reservation = ticket.reservation
         used = _used(exchange, ticket) if ticket.metered else reservation.granted
         if used != reservation.granted or ticket.holds_slot:  # else nothing to settle
-            await self._limiter.settle(reservation, used)
+            settling = self._limiter.settle(reservation, used)
+            if settling is not None:
+                await settling  # Redis holds the settlement before the answer goes
 
-    def _ask(self, exchange: Exchange) -> tuple[Ask, int]:
+    def _plan(self, exchange: Exchange) -> _Plan:
+        """The caller's plan: what it depends on (model, key, subject, tenant, tier) is its key."""
+        principal = exchange.principal
+        caller = (
+            (exchange.model,)
+            if principal is None
+            else (exchange.model, principal.key_id, principal.subject, principal.tenant,
+                  principal.tier)
+        )  # fmt: skip
+        plan = self._plans.get(caller)
+        if plan is None:
+            if len(self._plans) >= _PLANS_KEPT:
+                self._plans.clear()  # many idle callers: start over rather than grow
+            plan = self._plans[caller] = self._new_plan(exchange, principal)
+        return plan
+
+    def _new_plan(self, exchange: Exchange, principal: Principal | None) -> _Plan:
+        found = tuple(self._dimensions(exchange, principal))
+        limits = self._limits_of(found)
+        if not limits:  # dimensions whose values set no limit: unlimited
+            return _Plan((), (), budget=False, metered=False, holds_slot=False)
+        kinds = {lim.kind for lim in limits}
+        fixed = "b" not in kinds  # budgets follow the clock: their limits are built anew
+        return _Plan(found, limits if fixed else None, budget=not fixed,
+                     metered=bool(kinds & {"b", "t"}), holds_slot="c" in kinds)  # fmt: skip
+
+    def _limits_of(self, found: tuple[tuple[str, str, LimitValues], ...]) -> tuple[Limit, ...]:
         limits_for = self._limiter.limits_for
-        found = self._dimensions(exchange, exchange.principal)
         groups = [limits_for(values, dimension, ident) for dimension, ident, values in found]
-        # One dimension (the usual case) keeps the limiter's own tuple, which the Redis batch
-        # then finds by identity.
-        limits = tuple(groups[0]) if len(groups) == 1 else tuple(chain.from_iterable(groups))
-        prompt = count_prompt(exchange.endpoint, exchange.body)
-        cap = 0 if exchange.endpoint == "embeddings" else self._cap(exchange)
+        return tuple(groups[0]) if len(groups) == 1 else tuple(chain.from_iterable(groups))
+
+    def _ask(self, exchange: Exchange, plan: _Plan) -> tuple[Ask, int]:
+        limits = plan.limits if plan.limits is not None else self._limits_of(plan.found)
+        endpoint, body = exchange.endpoint, exchange.body
+        prompt = count_prompt(endpoint, body)
+        cap = 0 if endpoint == "embeddings" else self._cap(exchange)
         least = prompt + (1 if cap else 0)
         return Ask(self._limiter.request_id(), limits, prompt + cap, least), prompt
 
@@ -167,14 +219,6 @@ class RateLimit(Stage):
         return assignment.default_tier
 
 
-def _ticket(reservation: Reservation, prompt: int, ask: Ask) -> Ticket:
-    kinds = {lim.kind for lim in reservation.limits}
-    has_budget = "b" in kinds
-    allowance = reservation.granted - prompt if has_budget and ask.tokens > prompt else None
-    metered = has_budget or "t" in kinds
-    return Ticket(reservation, prompt, allowance, metered, "c" in kinds)
-
-
 def _prepare_body(exchange: Exchange, ticket: Ticket, ask: Ask) -> None:
     """Asks the provider for stream usage, and lowers the completion cap to what was granted."""
     if not ticket.metered:
@@ -220,45 +264,47 @@ async def _metered(
             exchange.usage = Usage(ticket.prompt_tokens, completion)
 
 
-def rate_headers(standings: tuple[Standing, ...]) -> dict[str, str]:
-    """OpenAI's x-ratelimit-* headers for the tightest request limit and token limit."""
-    requests: Standing | None = None
-    tokens: Standing | None = None
-    for standing in standings:
-        kind = standing.limit.kind
+def rate_headers(limits: Sequence[Limit], reply: Sequence[int]) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers for the tightest request limit and token limit, read from
+    the script's `reply`: the remaining and reset ms of each of `limits` in turn from index 4
+    (a short reply: the limits it covers)."""
+    requests = tokens = None
+    at_requests = at_tokens = 0  # the reply index of the tightest one's remaining
+    at, end = 4, len(reply) - 1
+    for lim in limits:  # (not zip: its keyword argument alone costs more than this loop)
+        if at >= end:
+            break
+        kind = lim.kind
         if kind == "r":
-            requests = standing if requests is None else _tighter(requests, standing)
-        elif kind == "t" or kind == "b":
-            tokens = standing if tokens is None else _tighter(tokens, standing)
+            if requests is None or _tighter(reply, at_requests, at):
+                requests, at_requests = lim, at
+        elif (kind == "t" or kind == "b") and (tokens is None or _tighter(reply, at_tokens, at)):
+            tokens, at_tokens = lim, at
+        at += 2
     headers: dict[str, str] = {}
     if requests is not None:
-        _add_headers(headers, _REQUEST_HEADERS, requests)
+        headers[_REQUEST_HEADERS[0]] = str(requests.limit)
+        headers[_REQUEST_HEADERS[1]] = str(reply[at_requests])
+        headers[_REQUEST_HEADERS[2]] = duration(reply[at_requests + 1])
     if tokens is not None:
-        _add_headers(headers, _TOKEN_HEADERS, tokens)
+        headers[_TOKEN_HEADERS[0]] = str(tokens.limit)
+        headers[_TOKEN_HEADERS[1]] = str(reply[at_tokens])
+        headers[_TOKEN_HEADERS[2]] = duration(reply[at_tokens + 1])
     return headers
 
 
-def _add_headers(headers: dict[str, str], names: tuple[str, ...], tightest: Standing) -> None:
-    limit, remaining, reset = names
-    headers[limit] = str(tightest.limit.limit)
-    headers[remaining] = str(tightest.remaining)
-    headers[reset] = duration(tightest.reset_ms)
-
-
-def _tighter(best: Standing, standing: Standing) -> Standing:
-    """The one with less remaining; on a tie, the one that takes longer to reset (the first
-    of equals)."""
-    if standing.remaining < best.remaining:
-        return standing
-    if standing.remaining == best.remaining and standing.reset_ms > best.reset_ms:
-        return standing
-    return best
+def _tighter(reply: Sequence[int], best: int, at: int) -> bool:
+    """Whether the limit at `at` is tighter than the best so far: less remaining; on a tie,
+    longer to reset (else the first of equals stays)."""
+    if reply[at] != reply[best]:
+        return reply[at] < reply[best]
+    return reply[at + 1] > reply[best + 1]
 
 
 def duration(ms: int) -> str:
     """OpenAI's reset format: `20ms`, `1s`, `6m0s`, `1h2m3.5s`."""
     if ms < 1000:
-        return f"{max(ms, 0)}ms"
+        return _MILLISECONDS[ms] if ms > 0 else "0ms"
     hours, rest = divmod(ms, 3_600_000)
     minutes, rest = divmod(rest, 60_000)
     seconds = f"{rest / 1000:.3f}".rstrip("0").rstrip(".") + "s"

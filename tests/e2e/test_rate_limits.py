@@ -73,6 +73,16 @@ async def test_budget_holds_exactly_the_usage_the_provider_reported(
     assert await budget_used(redis_server.url) == reported
 
 
+async def test_a_whole_answer_no_longer_holds_its_slot_on_any_replica(
+    provider, start_gateway, redis_server
+):
+    config = limited(provider, redis_server.url, {"concurrent": 1})
+    first, second = await start_gateway(config), await start_gateway(config)
+    clients = [first.client(), second.client()]
+    for i in range(10):  # each answer comes once Redis holds its settlement
+        assert (await ask(clients[i % 2])).choices[0].message.content
+
+
 async def test_a_stream_over_its_budget_is_cut_at_the_budget(provider, start_gateway, redis_server):
     prompt = count_prompt("chat.completions", {"messages": MESSAGES})
     allowance = 5

@@ -11,14 +11,15 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 from redis.asyncio.connection import Connection
 
 from gateway import metrics
 from gateway.config import LimitSettings, LimitValues, RedisSettings
 from gateway.errors import ServiceUnavailableError
 from gateway.limit_breaker import Breaker
-from gateway.limit_script import BATCH_SHA
-from gateway.limiter import BATCH_SIZE, Limiter, RedisBackend, _Batch, _evalsha_command
+from gateway.limit_script import BATCH_SHA, Batch
+from gateway.limiter import BATCH_SIZE, Limiter, RedisBackend, _evalsha_command
 from gateway.limits import Ask, Limit, MemoryBackend, limits_for
 
 T0 = 1_750_000_000_000.0  # ms; a fixed "now" injected into both backends
@@ -314,14 +315,14 @@ async def test_a_stalled_redis_fails_within_the_command_timeout(redis_server):
 
 
 def test_a_batch_encodes_each_set_of_limits_once_and_sends_each_key_once():
-    batch = _Batch()
+    batch = Batch()
     first, other = (rate(5), slots(2)), (rate(5), rate(9, key="x"))
     words = batch.words_of("{t}:", first)
     assert batch.words_of("{t}:", (rate(5), slots(2))) is words  # equal limits: encoded once
     assert words == "2 1 r 5 60000 2 c 2 10000"
     assert batch.words_of("{t}:", other) == "2 1 r 5 60000 3 r 9 60000"  # k:r keeps its index
     assert list(batch.slots) == ["{t}:k:r", "{t}:k:c", "{t}:x:r"]
-    assert _Batch().words_of("{t}:", other) == "2 1 r 5 60000 2 r 9 60000"  # per batch
+    assert Batch().words_of("{t}:", other) == "2 1 r 5 60000 2 r 9 60000"  # per batch
 
 
 async def test_limits_are_built_once_per_dimension_but_budgets_follow_the_clock():
@@ -375,6 +376,40 @@ def _limiter(url: str, mode: str) -> Limiter:
     settings = LimitSettings(enabled=True, backend="redis", failure_mode=mode,
                              breaker={"failures": 2, "open_seconds": 0.2})  # fmt: skip
     return Limiter(settings, RedisSettings(url=url, timeout=0.2, connect_timeout=0.2))
+
+
+def _settle_count() -> float:
+    labels = {"backend": "redis", "operation": "settle"}
+    return REGISTRY.get_sample_value("gateway_ratelimit_seconds_count", labels) or 0.0
+
+
+async def test_a_settlement_ends_when_its_batch_is_answered(redis_server):
+    limiter = _limiter(redis_server.url, "closed")
+    limit = slots(1, key=uuid.uuid4().hex)
+    try:
+        held = await limiter.reserve(ask(limit))
+        before = _settle_count()
+        settling = limiter.settle(held.reservation, 0)
+        assert settling is not None and not settling.done()  # queued in the next batch
+        await settling
+        assert (await limiter.reserve(ask(limit))).allowed  # Redis freed the slot
+        assert _settle_count() - before == 1  # its time was observed when its batch answered
+        assert not limiter.breaker.is_open
+    finally:
+        await limiter.close()
+
+
+async def test_settlements_of_a_failed_batch_end_quietly_and_count_for_the_breaker(redis_server):
+    limiter = _limiter(redis_server.url, "open")  # opens after two failures
+    limit = slots(5, key=uuid.uuid4().hex)
+    try:
+        held = [await limiter.reserve(ask(limit)) for _ in range(2)]
+        redis_server.stop()
+        settling = [limiter.settle(decision.reservation, 0) for decision in held]
+        assert await asyncio.gather(*settling) == [None, None]  # the request does not fail
+        assert limiter.breaker.is_open  # one failed batch, two settlements: two failures
+    finally:
+        await limiter.close()
 
 
 async def test_dead_redis_fails_closed_then_the_breaker_answers_without_calling(redis_server):

@@ -84,6 +84,31 @@ async def test_anonymous_callers_share_the_default_tier_and_global_limits():
     assert ex.ratelimit_outcome == "limited" and ex.ratelimit_reservation is None
 
 
+async def test_each_caller_keeps_its_own_limits_and_budgets_follow_the_clock():
+    clock = [1_750_000_000.0]
+    tiers = {"free": {"requests_per_minute": 1}, "pro": {"daily_tokens": 10_000}}
+    assignment = {"default_tier": "free", "by_tenant": {"acme": "pro"}}
+    rate_limit = stage(clock, tiers=tiers, assignment=assignment)
+    free, pro = exchange(Principal("ann")), exchange(Principal("ann", tenant="acme"))
+    await rate_limit.on_request(free)
+    await rate_limit.on_request(pro)
+    with pytest.raises(RateLimitError):
+        await rate_limit.on_request(exchange(Principal("ann")))  # free's one a minute: used
+    clock[0] += 60
+    later = exchange(Principal("ann", tenant="acme"))
+    await rate_limit.on_request(later)
+    assert free.response_headers["x-ratelimit-limit-requests"] == "1"
+    assert pro.response_headers["x-ratelimit-limit-tokens"] == "10000"
+    reset = [duration_ms(ex.response_headers["x-ratelimit-reset-tokens"]) for ex in (pro, later)]
+    assert reset[0] - reset[1] == 60_000  # the budget's period ends a minute closer
+
+
+def duration_ms(text: str) -> int:
+    hours, _, rest = text.partition("h")
+    minutes, _, seconds = rest.partition("m")
+    return round((int(hours) * 3600 + int(minutes) * 60 + float(seconds.rstrip("s"))) * 1000)
+
+
 async def test_budget_exhausted_is_insufficient_quota_and_not_retried():
     rate_limit = stage(tiers={"t": {"daily_tokens": PROMPT}}, assignment={"default_tier": "t"})
     with pytest.raises(QuotaExceededError) as refused:
@@ -156,8 +181,9 @@ async def test_concurrency_is_released_on_complete():
     await rate_limit.on_request(exchange())
 
 
-async def test_no_limits_configured_changes_nothing():
-    rate_limit = stage()
+@pytest.mark.parametrize("limits", [{}, {"tiers": {"t": {}}, "assignment": {"default_tier": "t"}}])
+async def test_no_limits_configured_changes_nothing(limits):
+    rate_limit = stage(**limits)  # no tier, or a tier that sets no limit
     ex = exchange(stream=True)
     await rate_limit.on_request(ex)
     assert ex.ratelimit_outcome == "unlimited" and not ex.body_changed and not ex.response_headers
@@ -167,16 +193,24 @@ def test_headers_show_the_tightest_request_and_token_limit():
     def standing(kind: str, limit: int, remaining: int, reset_ms: int) -> Standing:
         return Standing(Limit("n", "key", f"k{limit}", kind, limit, 60_000), remaining, reset_ms)
 
+    def headers(*standings: Standing) -> dict[str, str]:
+        """The headers of a script reply that holds `standings`."""
+        reply = [1, 0, 0, 0, *(n for s in standings for n in (s.remaining, s.reset_ms))]
+        return rate_headers([s.limit for s in standings], reply)
+
     standings = (
         standing("r", 60, 5, 100), standing("c", 2, 0, 0), standing("r", 10, 5, 900),
         standing("r", 9, 7, 0), standing("t", 1000, 10, 5), standing("b", 50, 3, 7),
     )  # fmt: skip
-    assert rate_headers(standings) == {
+    assert headers(*standings) == {
         "x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "5",
         "x-ratelimit-reset-requests": "900ms", "x-ratelimit-limit-tokens": "50",
         "x-ratelimit-remaining-tokens": "3", "x-ratelimit-reset-tokens": "7ms",
     }  # fmt: skip
-    assert rate_headers(standings[1:2]) == {}  # concurrency alone has no OpenAI header
+    assert headers(*standings[1:2]) == {}  # concurrency alone has no OpenAI header
+    short = rate_headers([s.limit for s in standings], [1, 0, 0, 0, 5, 100, 0, 0, 4])
+    assert short["x-ratelimit-remaining-requests"] == "5"  # a short reply: the limits it covers
+    assert "x-ratelimit-limit-tokens" not in short
 
 
 @pytest.mark.parametrize(("ms", "text"), [(0, "0ms"), (20, "20ms"), (1000, "1s"), (1500, "1.5s"),

@@ -71,22 +71,25 @@ class EnforcePolicy(Stage):
         self._notes: dict[PolicyDecision, _Note] = {}
 
     async def on_request(self, exchange: Exchange) -> None:
-        policies, selection = self._select(exchange)
+        policies, selection = scope = self._select(exchange)
+        exchange.policy_scope = scope  # the answer is judged by the same set and selection
         if not selection.ids:
             return
-        for policy, rule in policies.request_rules(selection):
+        for policy, rule in selection.requests:
             self._constrain(exchange, policies, policy, rule)
         await self._scan_prompt(exchange, policies, selection)
-        if self._settings.canary and policies.canary_rules(selection):
+        if selection.canary and self._settings.canary:
             _inject_canary(exchange)
 
     async def on_response(self, exchange: Exchange, completion: dict[str, Any]) -> dict[str, Any]:
-        policies, selection = self._select(exchange)
+        policies, selection = self._scope(exchange)
         if not selection.ids or exchange.status >= 400:
             return completion
         for slot in completion_slots(exchange.endpoint, completion):
-            text, blocked = await self.check_completion(exchange, policies, selection, slot.text)
-            slot.set(text)
+            text = slot.text
+            judged, blocked = await self.check_completion(exchange, policies, selection, text)
+            if judged is not text:
+                slot.set(judged)
             if blocked is not None:
                 self._refuse_completion(blocked)
                 if slot.owner is not None:
@@ -96,7 +99,7 @@ class EnforcePolicy(Stage):
     def on_stream(
         self, exchange: Exchange, events: AsyncIterator[SseEvent]
     ) -> AsyncIterator[SseEvent]:
-        policies, selection = self._select(exchange)
+        policies, selection = self._scope(exchange)
         if not selection.ids or exchange.endpoint not in _TOKEN_KEYS:
             return events
         judge = _StreamJudge(self, exchange, policies, selection)
@@ -136,7 +139,7 @@ class EnforcePolicy(Stage):
                 selection, text, "completion", canary=exchange.canary, finder=self._finder
             )
         finally:
-            _scan_took("completion", started)
+            _COMPLETION_SECONDS(time.perf_counter() - started)
         if release.matches:
             self.record(exchange, policies, release.matches, "completion")
         if release.blocked is not None:
@@ -163,6 +166,14 @@ class EnforcePolicy(Stage):
 
     # -- request side ---------------------------------------------------------------------------
 
+    def _scope(self, exchange: Exchange) -> tuple[PolicySet, Selection]:
+        """The policy set and selection the request was judged by (chosen now if it was not)."""
+        if exchange.policy_scope is not None:
+            policies, selection = exchange.policy_scope
+            if isinstance(policies, PolicySet) and isinstance(selection, Selection):
+                return policies, selection
+        return self._select(exchange)
+
     def _select(self, exchange: Exchange) -> tuple[PolicySet, Selection]:
         policies = self._store.current
         if exchange.endpoint == "models":
@@ -178,7 +189,7 @@ class EnforcePolicy(Stage):
             try:
                 release = await policies.evaluate(selection, text, "prompt", finder=self._finder)
             finally:
-                _scan_took("prompt", started)
+                _PROMPT_SECONDS(time.perf_counter() - started)
             if release.matches:
                 self.record(exchange, policies, release.matches, "prompt")
             if release.blocked is not None:
@@ -326,6 +337,7 @@ def _scan_took(direction: TextDirection, started: float) -> None:
 
 
 _SCAN_SECONDS = {d: metrics.observer(metrics.POLICY_SCAN_SECONDS, d) for d in DIRECTIONS}
+_PROMPT_SECONDS, _COMPLETION_SECONDS = _SCAN_SECONDS["prompt"], _SCAN_SECONDS["completion"]
 
 
 @dataclass(frozen=True, slots=True)

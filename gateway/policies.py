@@ -233,7 +233,10 @@ class PolicySet:
         opening = (
             len(scanned.normalised.text) if whole else plan.scanner.opening(scanned, selection.ids)
         )
-        findings = await self._findings(plan, text, scanned, opening, canary, finder)
+        findings: list[Finding] = []
+        leaked = canary and plan.canaries and canary in text
+        if scanned.hits or plan.entities or plan.injections or leaked:  # else none to find
+            findings = await self._findings(plan, text, scanned, opening, canary, finder)
         if whole:
             return Scanned(findings, len(text))
         safe = scanned.normalised.index(opening)  # text rules hold back only where one may start
@@ -258,7 +261,8 @@ class PolicySet:
         chosen = self._chosen_of(ids, InjectionRule) if prompt else ()
         injections = tuple((p, r, self._injection[(p.id, r.id)]) for p, r in chosen)
         lengths = () if prompt else self._chosen_of(ids, MaxLengthRule)
-        entities = self._entity_rules(ids, direction)
+        entities = tuple((p, r) for p, r in self._chosen_of(ids, EntitiesRule)
+                         if _covers(r, direction))  # fmt: skip
         scanner = self._scanners[direction]
         # ASCII texts: text rules (and a prompt's injection rules) in one set pass
         joint = JointPass([[p.pattern for p in scanner.patterns],
@@ -285,12 +289,6 @@ class PolicySet:
         if canary and plan.canaries:
             findings += canary_findings(plan.canaries, text, canary)
         return findings
-
-    def _entity_rules(self, ids: frozenset[str], direction: str) -> Rules:
-        if EntitiesRule not in self._kinds:
-            return ()
-        rules = self._chosen_of(ids, EntitiesRule)
-        return tuple((p, r) for p, r in rules if _covers(r, direction)) if rules else rules
 
     async def _entities(
         self, rules: Rules, text: str, finder: EntityFinder | None

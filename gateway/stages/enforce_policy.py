@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from gateway.policies import (
     Selection,
     TextDirection,
 )
-from gateway.policy_schema import Policy, RequestRule
+from gateway.policy_schema import MaxLengthRule, Policy, RequestRule
 from gateway.policy_store import PolicyStore
 from gateway.policy_stream import StreamFilter
 from gateway.redaction_rules import EntityRule, RedactionRules
@@ -127,7 +128,7 @@ class EnforcePolicy(Stage):
             return await policies.scan(selection, text, direction, canary=exchange.canary,
                                        finder=self._finder, fresh=fresh)  # fmt: skip
         finally:
-            _scan_took(direction, started)
+            _SCAN_SECONDS[direction](time.perf_counter() - started)
 
     async def check_completion(
         self, exchange: Exchange, policies: PolicySet, selection: Selection, text: str
@@ -244,6 +245,8 @@ class _StreamJudge:
     ) -> None:
         self._stage, self._exchange = stage, exchange
         self._policies, self._selection = policies, selection
+        lengths = policies.rules_of(selection, MaxLengthRule)
+        self._shortest = min((rule.max_chars for _, rule in lengths), default=sys.maxsize)
 
     async def scan(self, text: str, fresh: int) -> Scanned[Finding]:
         return await self._stage.scan(self._exchange, self._policies, self._selection, text,
@@ -253,6 +256,8 @@ class _StreamJudge:
         self._stage.record(self._exchange, self._policies, findings, "completion")
 
     def length_findings(self, total: int) -> list[Finding]:
+        if total <= self._shortest:  # the usual stream: within every limit
+            return []
         return self._policies.length_findings(self._selection, total)
 
 
@@ -330,10 +335,6 @@ def _blocked_error(finding: Finding, what: str, detail: str | None = None) -> Co
         f"rule '{rule.id}'{reason}. Change the {what} or ask the policy owners.",
         param=detail,
     )
-
-
-def _scan_took(direction: TextDirection, started: float) -> None:
-    _SCAN_SECONDS[direction](time.perf_counter() - started)
 
 
 _SCAN_SECONDS = {d: metrics.observer(metrics.POLICY_SCAN_SECONDS, d) for d in DIRECTIONS}

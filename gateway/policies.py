@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gateway.exchange import PolicyDecision, Principal
-from gateway.injection import InjectionSignals, compile_injection
+from gateway.injection import InjectionSignals, rule_signals
 from gateway.policy_findings import EntityFinder as EntityFinder
 from gateway.policy_findings import EntityHit as EntityHit
 from gateway.policy_findings import Finding as Finding
@@ -50,18 +50,7 @@ from gateway.policy_schema import (
     WordsRule,
 )
 from gateway.redaction_rules import RedactionRules
-from gateway.scanner import (
-    JointPass,
-    RuleKey,
-    Scan,
-    TextPattern,
-    TextScanner,
-    pattern_opening,
-    pattern_width,
-    words_opening,
-    words_pattern,
-    words_width,
-)
+from gateway.scanner import JointPass, RuleKey, Scan, TextScanner, rule_pattern
 from gateway.stream_matcher import Release, Scanned, settle
 
 TextDirection = Literal["prompt", "completion"]
@@ -128,7 +117,7 @@ class PolicySet:
             self._kinds.setdefault(type(rule), []).append((policy, rule))
         self._widths: dict[RuleKey, int] = {}
         self._scanners = {d: self._compile(d, hold_cap) for d in DIRECTIONS}
-        self._injection = {(p.id, r.id): _signals(r) for p, r in self._of(InjectionRule)}
+        self._injection = {(p.id, r.id): rule_signals(r) for p, r in self._of(InjectionRule)}
         self._selections: dict[tuple[Any, ...], Selection] = {}
         self._plans: dict[tuple[frozenset[str], TextDirection], _Plan] = {}
         self._decisions: dict[tuple[str, str, str], PolicyDecision] = {}
@@ -148,7 +137,7 @@ class PolicySet:
         for (policy_id, rule_id), (_, rule) in self._rules.items():
             if not isinstance(rule, RegexRule | WordsRule) or not _covers(rule, direction):
                 continue
-            item = _text_pattern((policy_id, rule_id), rule, hold_cap)
+            item = rule_pattern((policy_id, rule_id), rule, hold_cap)
             self._widths[item.key] = item.width
             patterns.append(item)
         return TextScanner(patterns)
@@ -268,8 +257,11 @@ class PolicySet:
         joint = JointPass([[p.pattern for p in scanner.patterns],
                            *(s.ascii_patterns for _, _, s in injections)])  # fmt: skip
         canaries = () if prompt else self._chosen_of(ids, CanaryRule)
-        clear = _clear(entities, injections, lengths)
-        return _Plan(ids, scanner, entities, injections, canaries, lengths, joint, clear)
+        shortest = min((rule.max_chars for _, rule in lengths), default=sys.maxsize)
+        # rules that can find something in a text where no pattern matched: no quick pass
+        blind = entities or any(signals.min_hidden <= 0 for _, _, signals in injections)
+        return _Plan(ids, scanner, entities, injections, canaries, lengths, joint, shortest,
+                     -1 if blind else shortest)  # fmt: skip
 
     async def _findings(
         self, plan: _Plan, text: str, scanned: Scan, opening: int, canary: str | None,
@@ -303,9 +295,24 @@ class PolicySet:
             if h.entity_type in r.entities and h.score >= r.min_score
         ]  # fmt: skip
 
+    def shortest_length(self, selection: Selection) -> int:
+        """The least `max_chars` of the selected length rules (`sys.maxsize` if none)."""
+        return selection.plans["completion"].shortest
+
     def length_findings(self, selection: Selection, total: int) -> list[Finding]:
         """Max-length rules a completion of `total` characters breaks (the span is the excess)."""
         return length_findings(selection.plans["completion"].lengths, total)
+
+    def passes(
+        self, selection: Selection, text: str, direction: TextDirection, canary: str | None = None
+    ) -> bool:
+        """Whether `evaluate` would pass `text` unchanged and find nothing, as one set pass over
+        an ASCII text shows (False: it may find something, ask `evaluate`). Synchronous: the
+        usual text costs neither a coroutine nor a `Release`."""
+        if not text.isascii():
+            return False
+        plan = selection.plans[direction]
+        return plan.clear_of(text, plan.joint.match(text.encode("ascii")), canary)
 
     async def evaluate(
         self, selection: Selection, text: str, direction: TextDirection, *,
@@ -317,8 +324,7 @@ class PolicySet:
         if text.isascii():
             subject = text.encode("ascii")
             found = plan.joint.match(subject)
-            leaked = canary and plan.canaries and canary in text
-            if not leaked and not any(found) and len(text) <= plan.clear:
+            if plan.clear_of(text, found, canary):
                 return Release(text)  # the usual text: no pattern, so no finding either
             matched, *injected = found
             scanned = plan.scanner.scan_matched(text, subject, matched)
@@ -345,41 +351,17 @@ class _Plan:
     canaries: Rules  # completions only
     lengths: Rules  # completions only
     joint: JointPass  # the scanner's patterns, then each injection rule's ASCII ones
+    shortest: int  # the least `max_chars` of the length rules
     clear: int  # the longest text that passes if no pattern of `joint` and no canary is in it
 
-
-def _clear(
-    entities: Rules, injections: tuple[tuple[Policy, InjectionRule, InjectionSignals], ...],
-    lengths: Rules,
-) -> int:  # fmt: skip
-    """`_Plan.clear`: -1 when an entity or injection rule can find something without a pattern."""
-    if entities or any(signals.min_hidden <= 0 for _, _, signals in injections):
-        return -1
-    return min((rule.max_chars for _, rule in lengths), default=sys.maxsize)
+    def clear_of(self, text: str, found: Sequence[Sequence[int]], canary: str | None) -> bool:
+        """Whether an ASCII text with `found` (its `joint` pass) has no finding."""
+        leaked = canary and self.canaries and canary in text
+        return not leaked and not any(found) and len(text) <= self.clear
 
 
 def _covers(rule: Any, direction: str) -> bool:
     return getattr(rule, "direction", direction) in (direction, "both")
-
-
-def _text_pattern(key: RuleKey, rule: RegexRule | WordsRule, hold_cap: int) -> TextPattern:
-    if isinstance(rule, WordsRule):
-        pattern = words_pattern(rule.words, case_sensitive=rule.case_sensitive,
-                                whole_words=rule.whole_words)  # fmt: skip
-        width = words_width(rule.words, whole_words=rule.whole_words)
-        opening = words_opening(rule.words, case_sensitive=rule.case_sensitive,
-                                whole_words=rule.whole_words)  # fmt: skip
-        return TextPattern(key, pattern, width, 1 if rule.whole_words else 0, opening)
-    width = rule.max_match_chars or pattern_width(rule.pattern) or hold_cap
-    width = min(width, max(hold_cap, rule.max_match_chars or 0))
-    return TextPattern(key, rule.pattern, width, opening=pattern_opening(rule.pattern))
-
-
-def _signals(rule: InjectionRule) -> InjectionSignals:
-    weights = (rule.override_weight, rule.roleplay_weight, rule.hidden_text_weight,
-               rule.encoded_weight)  # fmt: skip
-    return compile_injection(rule.override_phrases, rule.roleplay_markers, weights,
-                             rule.min_hidden_chars)  # fmt: skip
 
 
 def _matches(patterns: Sequence[str], value: str | None) -> bool:

@@ -19,6 +19,7 @@ from typing import Any
 
 import re2
 
+from gateway.policy_schema import RegexRule, WordsRule
 from gateway.regex_prefixes import NEVER, Piece, chain, literal, prefixes_pattern
 
 RuleKey = tuple[str, str]
@@ -151,6 +152,20 @@ class TextPattern:
     width: int
     group: int = 0
     opening: str | None = None  # every prefix of a match (see `pattern_opening`); None: unknown
+
+
+def rule_pattern(key: RuleKey, rule: RegexRule | WordsRule, hold_cap: int) -> TextPattern:
+    """A regex or word rule compiled for the set; its width capped at `hold_cap` when unknown."""
+    if isinstance(rule, WordsRule):
+        pattern = words_pattern(rule.words, case_sensitive=rule.case_sensitive,
+                                whole_words=rule.whole_words)  # fmt: skip
+        width = words_width(rule.words, whole_words=rule.whole_words)
+        opening = words_opening(rule.words, case_sensitive=rule.case_sensitive,
+                                whole_words=rule.whole_words)  # fmt: skip
+        return TextPattern(key, pattern, width, 1 if rule.whole_words else 0, opening)
+    width = rule.max_match_chars or pattern_width(rule.pattern) or hold_cap
+    width = min(width, max(hold_cap, rule.max_match_chars or 0))
+    return TextPattern(key, rule.pattern, width, opening=pattern_opening(rule.pattern))
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,6 @@ import hashlib
 import hmac
 import os
 import secrets
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from gateway.policies import (
     Selection,
     TextDirection,
 )
-from gateway.policy_schema import MaxLengthRule, Policy, RequestRule
+from gateway.policy_schema import Policy, RequestRule
 from gateway.policy_store import PolicyStore
 from gateway.policy_stream import StreamFilter
 from gateway.redaction_rules import EntityRule, RedactionRules
@@ -87,7 +86,10 @@ class EnforcePolicy(Stage):
         if not selection.ids or exchange.status >= 400:
             return completion
         for slot in completion_slots(exchange.endpoint, completion):
-            text = slot.text
+            text, started = slot.text, time.perf_counter()
+            if policies.passes(selection, text, "completion", exchange.canary):  # the usual text
+                _COMPLETION_SECONDS(time.perf_counter() - started)
+                continue
             judged, blocked = await self.check_completion(exchange, policies, selection, text)
             if judged is not text:
                 slot.set(judged)
@@ -188,6 +190,8 @@ class EnforcePolicy(Stage):
         for slot in prompt_slots(exchange.endpoint, exchange.body):
             text, started = slot.text, time.perf_counter()
             try:
+                if policies.passes(selection, text, "prompt"):  # the usual text
+                    continue
                 release = await policies.evaluate(selection, text, "prompt", finder=self._finder)
             finally:
                 _PROMPT_SECONDS(time.perf_counter() - started)
@@ -245,8 +249,7 @@ class _StreamJudge:
     ) -> None:
         self._stage, self._exchange = stage, exchange
         self._policies, self._selection = policies, selection
-        lengths = policies.rules_of(selection, MaxLengthRule)
-        self._shortest = min((rule.max_chars for _, rule in lengths), default=sys.maxsize)
+        self._shortest = policies.shortest_length(selection)
 
     async def scan(self, text: str, fresh: int) -> Scanned[Finding]:
         return await self._stage.scan(self._exchange, self._policies, self._selection, text,

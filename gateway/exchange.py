@@ -118,6 +118,7 @@ class Exchange:
     restorable: set[str] = field(default_factory=set)
     decisions: list[PolicyDecision] = field(default_factory=list)
     canary: str | None = None
+    policy_scope: tuple[object, object] | None = None  # the policy set and selection it chose
     ratelimit_outcome: str | None = None
     ratelimit_reservation: Any = None
     anomalies: list[str] = field(default_factory=list)

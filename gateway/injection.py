@@ -16,6 +16,7 @@ from typing import Any
 
 import re2
 
+from gateway.policy_schema import InjectionRule
 from gateway.scanner import normalise, re2_options, searchable, words_pattern
 
 SIGNALS = ("override_phrase", "roleplay_marker", "hidden_text", "encoded_payload")
@@ -67,6 +68,14 @@ def compile_injection(
     return InjectionSignals(build("override_phrase"), build("roleplay_marker"), weights,
                             min_hidden, ascii_pass, tuple(patterns),
                             tuple(patterns.values()))  # fmt: skip
+
+
+def rule_signals(rule: InjectionRule) -> InjectionSignals:
+    """An injection rule's phrases, weights and hidden-text minimum, compiled."""
+    weights = (rule.override_weight, rule.roleplay_weight, rule.hidden_text_weight,
+               rule.encoded_weight)  # fmt: skip
+    return compile_injection(rule.override_phrases, rule.roleplay_markers, weights,
+                             rule.min_hidden_chars)  # fmt: skip
 
 
 def injection_score(

@@ -10,14 +10,15 @@ rules without a text pass, are `gateway.policy_findings`'s). Must not edit OpenA
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 
 from gateway.exchange import PolicyDecision, Principal
-from gateway.injection import InjectionSignals, compile_injection
+from gateway.injection import InjectionSignals, rule_signals
 from gateway.policy_findings import EntityFinder as EntityFinder
 from gateway.policy_findings import EntityHit as EntityHit
 from gateway.policy_findings import Finding as Finding
@@ -49,18 +50,7 @@ from gateway.policy_schema import (
     WordsRule,
 )
 from gateway.redaction_rules import RedactionRules
-from gateway.scanner import (
-    JointPass,
-    RuleKey,
-    Scan,
-    TextPattern,
-    TextScanner,
-    pattern_opening,
-    pattern_width,
-    words_opening,
-    words_pattern,
-    words_width,
-)
+from gateway.scanner import JointPass, RuleKey, Scan, TextScanner, rule_pattern
 from gateway.stream_matcher import Release, Scanned, settle
 
 TextDirection = Literal["prompt", "completion"]
@@ -97,10 +87,13 @@ def _entity_problems(policies: Sequence[Policy]) -> list[Problem]:
 
 @dataclass(frozen=True, slots=True)
 class Selection:
-    """The policies that apply to one request."""
+    """The policies that apply to one request, and what enforcing them takes (gathered once)."""
 
     ids: frozenset[str]
-    holds: dict[str, int] = field(default_factory=dict)
+    holds: dict[str, int]
+    plans: dict[str, _Plan]  # per direction
+    requests: tuple[tuple[Policy, RequestRule], ...]
+    canary: bool  # whether a canary rule applies
 
     def hold(self, direction: str) -> int:
         return self.holds.get(direction, 1)
@@ -124,9 +117,8 @@ class PolicySet:
             self._kinds.setdefault(type(rule), []).append((policy, rule))
         self._widths: dict[RuleKey, int] = {}
         self._scanners = {d: self._compile(d, hold_cap) for d in DIRECTIONS}
-        self._injection = {(p.id, r.id): _signals(r) for p, r in self._of(InjectionRule)}
+        self._injection = {(p.id, r.id): rule_signals(r) for p, r in self._of(InjectionRule)}
         self._selections: dict[tuple[Any, ...], Selection] = {}
-        self._chosen: dict[tuple[frozenset[str], type], Rules] = {}
         self._plans: dict[tuple[frozenset[str], TextDirection], _Plan] = {}
         self._decisions: dict[tuple[str, str, str], PolicyDecision] = {}
 
@@ -145,7 +137,7 @@ class PolicySet:
         for (policy_id, rule_id), (_, rule) in self._rules.items():
             if not isinstance(rule, RegexRule | WordsRule) or not _covers(rule, direction):
                 continue
-            item = _text_pattern((policy_id, rule_id), rule, hold_cap)
+            item = rule_pattern((policy_id, rule_id), rule, hold_cap)
             self._widths[item.key] = item.width
             patterns.append(item)
         return TextScanner(patterns)
@@ -167,18 +159,23 @@ class PolicySet:
     ) -> Selection:
         ids = frozenset(p.id for p in self.policies
                         if _applies(p, tenant, roles, model, endpoint))  # fmt: skip
-        holds: dict[str, int] = {d: self._hold(ids, d) for d in DIRECTIONS}
-        return Selection(ids, holds)
+        return self._selection(ids)
 
     def select_all(self) -> Selection:
         """Every policy, whatever its scope (for tests and `policy explain`)."""
-        ids = frozenset(self._by_id)
-        return Selection(ids, {d: self._hold(ids, d) for d in DIRECTIONS})
+        return self._selection(frozenset(self._by_id))
 
     def select_for(self, principal: Principal | None, model: str, endpoint: str) -> Selection:
-        tenant = principal.tenant if principal else None
-        roles = principal.roles if principal else ()
-        return self.select(tenant, roles, model, endpoint)
+        if principal is None:
+            return self.select(None, (), model, endpoint)
+        selection = self._selections.get((principal.tenant, principal.roles, model, endpoint))
+        return selection or self.select(principal.tenant, principal.roles, model, endpoint)
+
+    def _selection(self, ids: frozenset[str]) -> Selection:
+        holds: dict[str, int] = {d: self._hold(ids, d) for d in DIRECTIONS}
+        plans: dict[str, _Plan] = {d: self._plan(ids, d) for d in DIRECTIONS}
+        requests = self._chosen_of(ids, RequestRule)
+        return Selection(ids, holds, plans, requests, bool(self._chosen_of(ids, CanaryRule)))
 
     def _hold(self, ids: frozenset[str], direction: str) -> int:
         widths = [w for key, w in self._widths.items()
@@ -188,13 +185,11 @@ class PolicySet:
         return max(widths, default=1)
 
     def rules_of(self, selection: Selection, kind: type) -> Rules:
-        """The selected policies' rules of one kind (cached per distinct selection)."""
-        key = (selection.ids, kind)
-        if key not in self._chosen:
-            if len(self._chosen) >= _SELECTIONS:
-                self._chosen.clear()
-            self._chosen[key] = tuple((p, r) for p, r in self._of(kind) if p.id in selection.ids)
-        return self._chosen[key]
+        """The selected policies' rules of one kind."""
+        return self._chosen_of(selection.ids, kind)
+
+    def _chosen_of(self, ids: frozenset[str], kind: type) -> Rules:
+        return tuple((p, r) for p, r in self._of(kind) if p.id in ids)
 
     def decision(self, finding: Finding, direction: str) -> PolicyDecision:
         """`finding.decision(direction, self.hash)`, built once per rule and direction."""
@@ -221,13 +216,16 @@ class PolicySet:
         position where one of their matches could still be starting (`fresh=None`: a whole
         text, all of it safe).
         """
-        plan = self._plan(selection, direction)
+        plan = selection.plans[direction]
         scanned = plan.scanner.scan(text, fresh or 0)
         whole = fresh is None  # nothing follows: every match is final, all of the text is safe
         opening = (
             len(scanned.normalised.text) if whole else plan.scanner.opening(scanned, selection.ids)
         )
-        findings = await self._findings(plan, text, scanned, opening, canary, finder)
+        findings: list[Finding] = []
+        leaked = canary and plan.canaries and canary in text
+        if scanned.hits or plan.entities or plan.injections or leaked:  # else none to find
+            findings = await self._findings(plan, text, scanned, opening, canary, finder)
         if whole:
             return Scanned(findings, len(text))
         safe = scanned.normalised.index(opening)  # text rules hold back only where one may start
@@ -237,36 +235,33 @@ class PolicySet:
             safe = min(safe, canary_opening(text, canary))
         return Scanned(findings, max(0, safe))
 
-    def _plan(self, selection: Selection, direction: TextDirection) -> _Plan:
+    def _plan(self, ids: frozenset[str], direction: TextDirection) -> _Plan:
         """The selected rules a scan in `direction` runs (cached per distinct selection)."""
-        key = (selection.ids, direction)
+        key = (ids, direction)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= _SELECTIONS:
                 self._plans.clear()
-            plan = self._plans[key] = self._make_plan(selection, direction)
+            plan = self._plans[key] = self._make_plan(ids, direction)
         return plan
 
-    def _make_plan(self, selection: Selection, direction: TextDirection) -> _Plan:
+    def _make_plan(self, ids: frozenset[str], direction: TextDirection) -> _Plan:
         prompt = direction == "prompt"
-        injections = tuple(
-            (p, r, self._injection[(p.id, r.id)])
-            for p, r in self.rules_of(selection, InjectionRule)
-        )  # fmt: skip
+        chosen = self._chosen_of(ids, InjectionRule) if prompt else ()
+        injections = tuple((p, r, self._injection[(p.id, r.id)]) for p, r in chosen)
+        lengths = () if prompt else self._chosen_of(ids, MaxLengthRule)
+        entities = tuple((p, r) for p, r in self._chosen_of(ids, EntitiesRule)
+                         if _covers(r, direction))  # fmt: skip
         scanner = self._scanners[direction]
-        joint = None
-        if prompt and injections:  # ASCII prompts: text and injection rules in one set pass
-            lists = [[p.pattern for p in scanner.patterns]]
-            joint = JointPass(lists + [list(s.ascii_patterns) for _, _, s in injections])
-        return _Plan(
-            selection.ids,
-            scanner,
-            self._entity_rules(selection, direction),
-            injections if prompt else (),
-            () if prompt else self.rules_of(selection, CanaryRule),
-            () if prompt else self.rules_of(selection, MaxLengthRule),
-            joint,
-        )
+        # ASCII texts: text rules (and a prompt's injection rules) in one set pass
+        joint = JointPass([[p.pattern for p in scanner.patterns],
+                           *(s.ascii_patterns for _, _, s in injections)])  # fmt: skip
+        canaries = () if prompt else self._chosen_of(ids, CanaryRule)
+        shortest = min((rule.max_chars for _, rule in lengths), default=sys.maxsize)
+        # rules that can find something in a text where no pattern matched: no quick pass
+        blind = entities or any(signals.min_hidden <= 0 for _, _, signals in injections)
+        return _Plan(ids, scanner, entities, injections, canaries, lengths, joint, shortest,
+                     -1 if blind else shortest)  # fmt: skip
 
     async def _findings(
         self, plan: _Plan, text: str, scanned: Scan, opening: int, canary: str | None,
@@ -287,12 +282,6 @@ class PolicySet:
             findings += canary_findings(plan.canaries, text, canary)
         return findings
 
-    def _entity_rules(self, selection: Selection, direction: str) -> Rules:
-        if EntitiesRule not in self._kinds:
-            return ()
-        rules = self.rules_of(selection, EntitiesRule)
-        return tuple((p, r) for p, r in rules if _covers(r, direction)) if rules else rules
-
     async def _entities(
         self, rules: Rules, text: str, finder: EntityFinder | None
     ) -> list[Finding]:
@@ -306,23 +295,38 @@ class PolicySet:
             if h.entity_type in r.entities and h.score >= r.min_score
         ]  # fmt: skip
 
-    def canary_rules(self, selection: Selection) -> tuple[tuple[Policy, CanaryRule], ...]:
-        return self.rules_of(selection, CanaryRule)
+    def shortest_length(self, selection: Selection) -> int:
+        """The least `max_chars` of the selected length rules (`sys.maxsize` if none)."""
+        return selection.plans["completion"].shortest
 
     def length_findings(self, selection: Selection, total: int) -> list[Finding]:
         """Max-length rules a completion of `total` characters breaks (the span is the excess)."""
-        return length_findings(self.rules_of(selection, MaxLengthRule), total)
+        return length_findings(selection.plans["completion"].lengths, total)
+
+    def passes(
+        self, selection: Selection, text: str, direction: TextDirection, canary: str | None = None
+    ) -> bool:
+        """Whether `evaluate` would pass `text` unchanged and find nothing, as one set pass over
+        an ASCII text shows (False: it may find something, ask `evaluate`). Synchronous: the
+        usual text costs neither a coroutine nor a `Release`."""
+        if not text.isascii():
+            return False
+        plan = selection.plans[direction]
+        return plan.clear_of(text, plan.joint.match(text.encode("ascii")), canary)
 
     async def evaluate(
         self, selection: Selection, text: str, direction: TextDirection, *,
         canary: str | None = None, finder: EntityFinder | None = None,
     ) -> Release[Finding]:  # fmt: skip
         """A whole text: redactions applied, the matches that count, and the block if any."""
-        plan = self._plan(selection, direction)
+        plan = selection.plans[direction]
         injected: Sequence[Sequence[int]] = ()
-        if plan.joint is not None and text.isascii():
+        if text.isascii():
             subject = text.encode("ascii")
-            matched, *injected = plan.joint.match(subject)
+            found = plan.joint.match(subject)
+            if plan.clear_of(text, found, canary):
+                return Release(text)  # the usual text: no pattern, so no finding either
+            matched, *injected = found
             scanned = plan.scanner.scan_matched(text, subject, matched)
         else:
             scanned = plan.scanner.scan(text)
@@ -335,9 +339,6 @@ class PolicySet:
             return Release(text)
         return settle(text, findings, len(text), final=True)[1]
 
-    def request_rules(self, selection: Selection) -> tuple[tuple[Policy, RequestRule], ...]:
-        return self.rules_of(selection, RequestRule)
-
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
@@ -349,31 +350,18 @@ class _Plan:
     injections: tuple[tuple[Policy, InjectionRule, InjectionSignals], ...]  # prompts only
     canaries: Rules  # completions only
     lengths: Rules  # completions only
-    joint: JointPass | None  # the scanner's patterns, then each injection rule's ASCII ones
+    joint: JointPass  # the scanner's patterns, then each injection rule's ASCII ones
+    shortest: int  # the least `max_chars` of the length rules
+    clear: int  # the longest text that passes if no pattern of `joint` and no canary is in it
+
+    def clear_of(self, text: str, found: Sequence[Sequence[int]], canary: str | None) -> bool:
+        """Whether an ASCII text with `found` (its `joint` pass) has no finding."""
+        leaked = canary and self.canaries and canary in text
+        return not leaked and not any(found) and len(text) <= self.clear
 
 
 def _covers(rule: Any, direction: str) -> bool:
     return getattr(rule, "direction", direction) in (direction, "both")
-
-
-def _text_pattern(key: RuleKey, rule: RegexRule | WordsRule, hold_cap: int) -> TextPattern:
-    if isinstance(rule, WordsRule):
-        pattern = words_pattern(rule.words, case_sensitive=rule.case_sensitive,
-                                whole_words=rule.whole_words)  # fmt: skip
-        width = words_width(rule.words, whole_words=rule.whole_words)
-        opening = words_opening(rule.words, case_sensitive=rule.case_sensitive,
-                                whole_words=rule.whole_words)  # fmt: skip
-        return TextPattern(key, pattern, width, 1 if rule.whole_words else 0, opening)
-    width = rule.max_match_chars or pattern_width(rule.pattern) or hold_cap
-    width = min(width, max(hold_cap, rule.max_match_chars or 0))
-    return TextPattern(key, rule.pattern, width, opening=pattern_opening(rule.pattern))
-
-
-def _signals(rule: InjectionRule) -> InjectionSignals:
-    weights = (rule.override_weight, rule.roleplay_weight, rule.hidden_text_weight,
-               rule.encoded_weight)  # fmt: skip
-    return compile_injection(rule.override_phrases, rule.roleplay_markers, weights,
-                             rule.min_hidden_chars)  # fmt: skip
 
 
 def _matches(patterns: Sequence[str], value: str | None) -> bool:

@@ -73,7 +73,8 @@ class StreamFilter:
             rest = await matcher.finish()
             release = Release(release.text + rest.text, release.matches + rest.matches,
                               release.blocked or rest.blocked)  # fmt: skip
-        self._judge.record(release.matches)
+        if release.matches:
+            self._judge.record(release.matches)
         out, blocked = self._limit(release.text, release.blocked)
         if blocked is not None:
             self._judge.record([blocked])

@@ -19,6 +19,7 @@ from typing import Any
 
 import re2
 
+from gateway.policy_schema import RegexRule, WordsRule
 from gateway.regex_prefixes import NEVER, Piece, chain, literal, prefixes_pattern
 
 RuleKey = tuple[str, str]
@@ -69,7 +70,7 @@ def _fold_char(char: str) -> str:
     return "".join(c for c in decomposed if unicodedata.category(c) not in ("Mn", "Cf"))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see `Scan`
 class Normalised:
     """Folded text and the map from its characters back to the original's."""
 
@@ -153,6 +154,20 @@ class TextPattern:
     opening: str | None = None  # every prefix of a match (see `pattern_opening`); None: unknown
 
 
+def rule_pattern(key: RuleKey, rule: RegexRule | WordsRule, hold_cap: int) -> TextPattern:
+    """A regex or word rule compiled for the set; its width capped at `hold_cap` when unknown."""
+    if isinstance(rule, WordsRule):
+        pattern = words_pattern(rule.words, case_sensitive=rule.case_sensitive,
+                                whole_words=rule.whole_words)  # fmt: skip
+        width = words_width(rule.words, whole_words=rule.whole_words)
+        opening = words_opening(rule.words, case_sensitive=rule.case_sensitive,
+                                whole_words=rule.whole_words)  # fmt: skip
+        return TextPattern(key, pattern, width, 1 if rule.whole_words else 0, opening)
+    width = rule.max_match_chars or pattern_width(rule.pattern) or hold_cap
+    width = min(width, max(hold_cap, rule.max_match_chars or 0))
+    return TextPattern(key, rule.pattern, width, opening=pattern_opening(rule.pattern))
+
+
 @dataclass(frozen=True, slots=True)
 class Hit:
     """A match in original-text coordinates; `whole` is where, in folded text, it starts."""
@@ -163,8 +178,8 @@ class Hit:
     whole: int
 
 
-@dataclass(frozen=True, slots=True)
-class Scan:
+@dataclass(slots=True)  # not frozen: measured, a frozen one costs ~3.8k instructions more to
+class Scan:  # build (object.__setattr__ per field), and a stream builds one per chunk
     """The hits in a text; `fresh` is where, in folded text, its not yet released part starts."""
 
     hits: tuple[Hit, ...]
@@ -368,7 +383,8 @@ class Openings:
         if not self._regexes or begin >= first:
             return max(0, first)
         context = 1 if begin else 0  # the character a word boundary at `begin` looks at
-        tail = searchable(text[begin - context :])
+        rest = text[begin - context :]
+        tail = rest.encode("ascii") if rest.isascii() else rest  # `searchable`, without its call
         for index in self._set.Match(tail) or ():
             since = max(0, size - self._widths[index] - begin) + context
             if begin - context + since >= first:

@@ -71,22 +71,28 @@ class EnforcePolicy(Stage):
         self._notes: dict[PolicyDecision, _Note] = {}
 
     async def on_request(self, exchange: Exchange) -> None:
-        policies, selection = self._select(exchange)
+        policies, selection = scope = self._select(exchange)
+        exchange.policy_scope = scope  # the answer is judged by the same set and selection
         if not selection.ids:
             return
-        for policy, rule in policies.request_rules(selection):
+        for policy, rule in selection.requests:
             self._constrain(exchange, policies, policy, rule)
         await self._scan_prompt(exchange, policies, selection)
-        if self._settings.canary and policies.canary_rules(selection):
+        if selection.canary and self._settings.canary:
             _inject_canary(exchange)
 
     async def on_response(self, exchange: Exchange, completion: dict[str, Any]) -> dict[str, Any]:
-        policies, selection = self._select(exchange)
+        policies, selection = self._scope(exchange)
         if not selection.ids or exchange.status >= 400:
             return completion
         for slot in completion_slots(exchange.endpoint, completion):
-            text, blocked = await self.check_completion(exchange, policies, selection, slot.text)
-            slot.set(text)
+            text, started = slot.text, time.perf_counter()
+            if policies.passes(selection, text, "completion", exchange.canary):  # the usual text
+                _COMPLETION_SECONDS(time.perf_counter() - started)
+                continue
+            judged, blocked = await self.check_completion(exchange, policies, selection, text)
+            if judged is not text:
+                slot.set(judged)
             if blocked is not None:
                 self._refuse_completion(blocked)
                 if slot.owner is not None:
@@ -96,7 +102,7 @@ class EnforcePolicy(Stage):
     def on_stream(
         self, exchange: Exchange, events: AsyncIterator[SseEvent]
     ) -> AsyncIterator[SseEvent]:
-        policies, selection = self._select(exchange)
+        policies, selection = self._scope(exchange)
         if not selection.ids or exchange.endpoint not in _TOKEN_KEYS:
             return events
         judge = _StreamJudge(self, exchange, policies, selection)
@@ -124,7 +130,7 @@ class EnforcePolicy(Stage):
             return await policies.scan(selection, text, direction, canary=exchange.canary,
                                        finder=self._finder, fresh=fresh)  # fmt: skip
         finally:
-            _scan_took(direction, started)
+            _SCAN_SECONDS[direction](time.perf_counter() - started)
 
     async def check_completion(
         self, exchange: Exchange, policies: PolicySet, selection: Selection, text: str
@@ -136,7 +142,7 @@ class EnforcePolicy(Stage):
                 selection, text, "completion", canary=exchange.canary, finder=self._finder
             )
         finally:
-            _scan_took("completion", started)
+            _COMPLETION_SECONDS(time.perf_counter() - started)
         if release.matches:
             self.record(exchange, policies, release.matches, "completion")
         if release.blocked is not None:
@@ -163,6 +169,14 @@ class EnforcePolicy(Stage):
 
     # -- request side ---------------------------------------------------------------------------
 
+    def _scope(self, exchange: Exchange) -> tuple[PolicySet, Selection]:
+        """The policy set and selection the request was judged by (chosen now if it was not)."""
+        if exchange.policy_scope is not None:
+            policies, selection = exchange.policy_scope
+            if isinstance(policies, PolicySet) and isinstance(selection, Selection):
+                return policies, selection
+        return self._select(exchange)
+
     def _select(self, exchange: Exchange) -> tuple[PolicySet, Selection]:
         policies = self._store.current
         if exchange.endpoint == "models":
@@ -176,9 +190,11 @@ class EnforcePolicy(Stage):
         for slot in prompt_slots(exchange.endpoint, exchange.body):
             text, started = slot.text, time.perf_counter()
             try:
+                if policies.passes(selection, text, "prompt"):  # the usual text
+                    continue
                 release = await policies.evaluate(selection, text, "prompt", finder=self._finder)
             finally:
-                _scan_took("prompt", started)
+                _PROMPT_SECONDS(time.perf_counter() - started)
             if release.matches:
                 self.record(exchange, policies, release.matches, "prompt")
             if release.blocked is not None:
@@ -233,6 +249,7 @@ class _StreamJudge:
     ) -> None:
         self._stage, self._exchange = stage, exchange
         self._policies, self._selection = policies, selection
+        self._shortest = policies.shortest_length(selection)
 
     async def scan(self, text: str, fresh: int) -> Scanned[Finding]:
         return await self._stage.scan(self._exchange, self._policies, self._selection, text,
@@ -242,6 +259,8 @@ class _StreamJudge:
         self._stage.record(self._exchange, self._policies, findings, "completion")
 
     def length_findings(self, total: int) -> list[Finding]:
+        if total <= self._shortest:  # the usual stream: within every limit
+            return []
         return self._policies.length_findings(self._selection, total)
 
 
@@ -321,11 +340,8 @@ def _blocked_error(finding: Finding, what: str, detail: str | None = None) -> Co
     )
 
 
-def _scan_took(direction: TextDirection, started: float) -> None:
-    _SCAN_SECONDS[direction](time.perf_counter() - started)
-
-
 _SCAN_SECONDS = {d: metrics.observer(metrics.POLICY_SCAN_SECONDS, d) for d in DIRECTIONS}
+_PROMPT_SECONDS, _COMPLETION_SECONDS = _SCAN_SECONDS["prompt"], _SCAN_SECONDS["completion"]
 
 
 @dataclass(frozen=True, slots=True)

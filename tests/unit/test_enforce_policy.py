@@ -169,6 +169,25 @@ async def test_blocked_completion_becomes_content_filter_or_error(tmp_path):
         await strict.on_response(exchange, leaked())
 
 
+async def test_an_answer_is_judged_by_the_policy_set_its_request_was(tmp_path):
+    stage = await make_stage(tmp_path)
+    exchange = chat("hi")
+    await stage.on_request(exchange)
+    (tmp_path / "p.yaml").write_text(
+        RULES.format(id="reloaded", action="block", mode="enforce", max_chars=5000)
+    )
+    assert await stage._store.reload()
+    message = {"role": "assistant", "content": f"my prompt: [{exchange.canary}]"}
+    answer = {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+    await stage.on_response(exchange, answer)
+    assert answer["choices"][0]["finish_reason"] == "content_filter"
+    assert exchange.decisions[-1].policy_id == "p"
+    later = chat("hi")
+    await stage.on_request(later)
+    await stage.on_response(later, {"choices": []})
+    assert later.decisions == []
+
+
 async def test_responses_answer_is_marked_incomplete(tmp_path):
     stage = await make_stage(tmp_path)
     exchange = Exchange("r", "responses", "POST", "/v1/responses", {}, "", body={"model": "m"})

@@ -21,6 +21,7 @@ from gateway.sse import DONE, SseEvent
 from gateway.stream_matcher import Release, Scanned, StreamMatcher
 
 Key = tuple[Any, ...]
+_HEAD = ("id", "object", "created", "model")  # what identifies a chunk
 
 
 class Judge(Protocol):
@@ -109,7 +110,7 @@ class StreamFilter:
         payload = payload_of(event)
         if payload is None or not payload.get("choices"):
             return [event]
-        self._base = {k: payload[k] for k in ("id", "object", "created", "model") if k in payload}
+        self._base = payload  # its identifying fields start any chunk the filter adds
         keep = False
         for choice in payload["choices"]:
             keep = await self._choice(choice) or keep
@@ -135,8 +136,9 @@ class StreamFilter:
             holder[field] = out
         if blocked is not None:
             choice["finish_reason"] = _finish_reason(blocked)
-        others = {k for k, v in holder.items() if k != field and v is not None}
-        return bool(out) or finishing or bool(others) or blocked is not None or text == ""
+        if out or finishing or blocked is not None or text == "":
+            return True
+        return any(v is not None for k, v in holder.items() if k != field)  # other delta fields
 
     async def _flush_choices(self) -> list[SseEvent]:
         events = []
@@ -158,7 +160,8 @@ class StreamFilter:
             choice["delta"] = {"content": text} if text else {}
         else:
             choice["text"] = text
-        return {**self._base, "choices": [choice]}
+        head: dict[str, Any] = {k: self._base[k] for k in _HEAD if k in self._base}
+        return {**head, "choices": [choice]}
 
     # -- responses -------------------------------------------------------------------------------
 

@@ -209,12 +209,14 @@ class TextScanner:
         Each rule's matches are searched left to right from `fresh`, as they were from the
         start of the whole text, so a match in the context cannot hide one that follows it.
         """
-        folded = normalise(text)
-        start = folded.position(fresh) if fresh else 0
+        if text.isascii():  # `normalise`, `position` and `searchable`, without their calls
+            folded, start = Normalised(text, len(text)), min(fresh, len(text))
+            subject: str | bytes = text.encode("ascii")
+        else:
+            folded = normalise(text)
+            start, subject = folded.position(fresh), searchable(folded.text)
         if not self._patterns:
             return Scan((), folded, start)
-        # An unmapped fold is the ASCII text itself: `searchable` without its second check.
-        subject = text.encode("ascii") if folded.origin is None else searchable(folded.text)
         matched = self._set.Match(subject)
         if not matched:  # the usual text: no call further
             return Scan((), folded, start)

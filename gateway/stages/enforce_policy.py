@@ -33,13 +33,11 @@ from gateway.payload_text import (
 )
 from gateway.pipeline import Stage
 from gateway.policies import (
-    DIRECTIONS,
     EntityFinder,
     EntityHit,
     Finding,
     PolicySet,
     Selection,
-    TextDirection,
 )
 from gateway.policy_schema import Policy, RequestRule
 from gateway.policy_store import PolicyStore
@@ -121,17 +119,6 @@ class EnforcePolicy(Stage):
             exchange.decisions.append(decision)
             self._note(decision).record(finding.detail)
 
-    async def scan(
-        self, exchange: Exchange, policies: PolicySet, selection: Selection, text: str,
-        direction: TextDirection, *, fresh: int = 0,
-    ) -> Scanned[Finding]:  # fmt: skip
-        started = time.perf_counter()
-        try:
-            return await policies.scan(selection, text, direction, canary=exchange.canary,
-                                       finder=self._finder, fresh=fresh)  # fmt: skip
-        finally:
-            _SCAN_SECONDS[direction](time.perf_counter() - started)
-
     async def check_completion(
         self, exchange: Exchange, policies: PolicySet, selection: Selection, text: str
     ) -> tuple[str, Finding | None]:
@@ -149,6 +136,10 @@ class EnforcePolicy(Stage):
             self.record(exchange, policies, [release.blocked], "completion")
             return "", release.blocked
         return release.text, None
+
+    @property
+    def finder(self) -> EntityFinder | None:
+        return self._finder
 
     @property
     def completion_block(self) -> str:
@@ -252,8 +243,13 @@ class _StreamJudge:
         self._shortest = policies.shortest_length(selection)
 
     async def scan(self, text: str, fresh: int) -> Scanned[Finding]:
-        return await self._stage.scan(self._exchange, self._policies, self._selection, text,
-                                      "completion", fresh=fresh)  # fmt: skip
+        started = time.perf_counter()
+        try:
+            return await self._policies.scan(self._selection, text, "completion", fresh=fresh,
+                                             canary=self._exchange.canary,
+                                             finder=self._stage.finder)  # fmt: skip
+        finally:
+            _COMPLETION_SECONDS(time.perf_counter() - started)
 
     def record(self, findings: Sequence[Finding]) -> None:
         self._stage.record(self._exchange, self._policies, findings, "completion")
@@ -340,8 +336,8 @@ def _blocked_error(finding: Finding, what: str, detail: str | None = None) -> Co
     )
 
 
-_SCAN_SECONDS = {d: metrics.observer(metrics.POLICY_SCAN_SECONDS, d) for d in DIRECTIONS}
-_PROMPT_SECONDS, _COMPLETION_SECONDS = _SCAN_SECONDS["prompt"], _SCAN_SECONDS["completion"]
+_PROMPT_SECONDS = metrics.observer(metrics.POLICY_SCAN_SECONDS, "prompt")
+_COMPLETION_SECONDS = metrics.observer(metrics.POLICY_SCAN_SECONDS, "completion")
 
 
 @dataclass(frozen=True, slots=True)

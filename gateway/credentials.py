@@ -229,7 +229,10 @@ class TokenVerifier:
         self._issuers = {i.issuer: i for i in settings.issuers}
         self._session: aiohttp.ClientSession | None = None
         self._sources: dict[str, KeySource] = {}
-        self._verified: dict[bytes, tuple[Claimed, float]] = {}  # sha256 -> (who, until)
+        # sha256 -> (who, until). A digest, not the token: a live bearer token stays in memory
+        # only while its request runs. Natively the hash is under 1 µs (SHA-NI); callgrind
+        # shows ~14k instructions because valgrind hides those instructions.
+        self._verified: dict[bytes, tuple[Claimed, float]] = {}
         for issuer in settings.issuers:
             self._sources[issuer.issuer] = (
                 RemoteJwks(issuer, self._fetch, clock) if issuer.jwks_url else static_keys(issuer)

@@ -28,6 +28,7 @@ from gateway.log import get_logger
 from gateway.pipeline import Stage
 
 CREDENTIAL_HEADERS = ("api-key", "x-api-key")
+_NO_OTHERS = (None, None)  # one per CREDENTIAL_HEADERS
 _MAX_TRACKED = 100_000
 _MAX_PRINCIPALS = 10_000
 security = get_logger("gateway.security")
@@ -88,7 +89,9 @@ def credential_from(headers: Mapping[str, str]) -> str:
     """The one credential the request carries, or `CredentialError` (missing, malformed,
     or two different credentials in different headers)."""
     authorization = headers.get("Authorization")
-    others = [headers.get(name) for name in CREDENTIAL_HEADERS]
+    others = (headers.get(CREDENTIAL_HEADERS[0]), headers.get(CREDENTIAL_HEADERS[1]))
+    if authorization is not None and others == _NO_OTHERS:  # the usual case: nothing to compare
+        return _bearer(authorization)
     found = [] if authorization is None else [_bearer(authorization)]
     found += [value.strip() for value in others if value is not None]
     if not found:
@@ -129,8 +132,13 @@ class Authenticate(Stage):
         self._keys = keys
         self._failures = FailureCounter(settings.lockout, clock)
         # A token's identity comes from the verifier's cache on most requests; the principal
-        # built from it (access lists resolved) is remembered too. Settings never change here.
+        # built from it (access lists resolved) is remembered too, one per equal identity.
+        # Settings never change here. `_recalled` finds it first by the identity object's
+        # `id` (the verifier hands back the same object on every recall): hashing the
+        # dataclass is a Python `__hash__` over its fields, ~3k instructions a request. Its
+        # entry holds the object, so the id is not reused while the entry lives.
         self._principals: dict[Claimed, Principal] = {}
+        self._recalled: dict[int, tuple[Claimed, Principal]] = {}
 
     @property
     def admin_role(self) -> str:
@@ -193,11 +201,16 @@ class Authenticate(Stage):
         )  # fmt: skip
 
     def _from_claims(self, claimed: Claimed) -> Principal:
+        found = self._recalled.get(id(claimed))
+        if found is not None and found[0] is claimed:
+            return found[1]
+        if len(self._principals) >= _MAX_PRINCIPALS or len(self._recalled) >= _MAX_PRINCIPALS:
+            self._principals.clear()
+            self._recalled.clear()
         principal = self._principals.get(claimed)
         if principal is None:
-            if len(self._principals) >= _MAX_PRINCIPALS:
-                self._principals.clear()
             principal = self._principals[claimed] = self._principal_of(claimed)
+        self._recalled[id(claimed)] = (claimed, principal)
         return principal
 
     def _principal_of(self, claimed: Claimed) -> Principal:

@@ -62,6 +62,7 @@ class Pipeline:
         self._requesting = tuple(
             (s, timers[s, "request"] if _overrides(s, "on_request") else None) for s in self.stages
         )
+        self._times_requests = any(timer is not None for _, timer in self._requesting)
         # Indexed by how many stages ran: the hooks of those stages, in reverse order.
         self._responding = tuple(
             tuple((s, timers[s, "response"]) for s in stages)
@@ -81,18 +82,21 @@ class Pipeline:
         it: one coroutine fewer to resume per stream event than an `async def` wrapper).
 
         Each hook is timed here, inline: a timing coroutine around it would cost one more
-        coroutine per hook on every request."""
+        coroutine per hook on every request. Consecutive hooks share a reading of the clock,
+        one's end being the next one's start (only this loop runs between them)."""
         ran = 0
         try:
+            started = time.perf_counter() if self._times_requests else 0.0
             for stage, timer in self._requesting:
                 ran += 1
                 if timer is None:
                     continue
-                started = time.perf_counter()
                 try:
                     await stage.on_request(exchange)
                 finally:
-                    timer(time.perf_counter() - started)
+                    ended = time.perf_counter()
+                    timer(ended - started)
+                    started = ended
             reply = await self._forward(exchange)
             exchange.status = reply.status
             writing = respond(await self._wrap(exchange, reply, ran))
@@ -109,12 +113,15 @@ class Pipeline:
         finally:
             if exchange.status == 0:
                 exchange.status = 499  # the client went away before an answer
-            for stage, timer in self._completing[ran]:
-                started = time.perf_counter()
+            completing = self._completing[ran]
+            started = time.perf_counter() if completing else 0.0
+            for stage, timer in completing:
                 try:
                     await stage.on_complete(exchange)
                 finally:
-                    timer(time.perf_counter() - started)
+                    ended = time.perf_counter()
+                    timer(ended - started)
+                    started = ended
 
     async def _wrap(self, exchange: Exchange, reply: Reply, ran: int) -> Reply:
         if isinstance(reply, StreamReply):
@@ -129,12 +136,14 @@ class Pipeline:
         if not wanted:
             return reply
         completion = _parse_completion(reply)
+        started = time.perf_counter()
         for stage, timer in wanted:
-            started = time.perf_counter()
             try:
                 completion = await stage.on_response(exchange, completion)
             finally:
-                timer(time.perf_counter() - started)
+                ended = time.perf_counter()
+                timer(ended - started)
+                started = ended
         reply.body = completion
         return reply
 

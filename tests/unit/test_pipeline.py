@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
+from gateway import metrics
 from gateway.errors import ContentPolicyError
 from gateway.exchange import Exchange, JsonReply, Reply, StreamReply
 from gateway.pipeline import Pipeline, Stage
@@ -100,3 +102,21 @@ async def test_unchanged_json_is_passed_through_without_parsing():
 
     await Pipeline([Stage()], json_forward).run(exchange(), respond)
     assert isinstance(replies[0], JsonReply) and replies[0].body is None
+
+
+class Sleeper(Stage):
+    """Takes `seconds` of clock time in its request hook."""
+
+    def __init__(self, name: str, seconds: float) -> None:
+        self.name, self.seconds = name, seconds  # type: ignore[misc]
+
+    async def on_request(self, exchange: Exchange) -> None:
+        await asyncio.sleep(self.seconds)
+
+
+async def test_each_hook_is_timed_on_its_own_though_they_share_clock_readings():
+    stages = [Sleeper("timed_slow", 0.03), Sleeper("timed_fast", 0.0)]
+    pipeline = Pipeline(stages, json_forward)
+    await pipeline.run(exchange(), lambda reply: None)
+    slow, fast = (metrics.STAGE_SECONDS.labels(s.name, "request") for s in stages)
+    assert slow._sum.get() >= 0.03 and fast._sum.get() < 0.03

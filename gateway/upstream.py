@@ -12,7 +12,7 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,8 +130,14 @@ class UpstreamClient:
     async def close(self) -> None:
         await self._session.close()
 
-    async def forward(self, exchange: Exchange) -> Reply:
-        """The pipeline's terminal step. Raises `GatewayError` subclasses only."""
+    def forward(self, exchange: Exchange) -> Awaitable[Reply]:
+        """The pipeline's terminal step. Raises `GatewayError` subclasses only (an unknown
+        model's `NotFoundError` at once, the others when awaited).
+
+        Returns the innermost coroutine the route needs, not one awaiting it: every frame
+        between the request's task and the provider call is resumed each time the provider's
+        answer wakes the request. Without fallbacks the chain is one provider; without
+        retries, one attempt, whose failure is raised as it is either way."""
         route = exchange.route
         if route is None:
             raise NotFoundError(
@@ -139,7 +145,16 @@ class UpstreamClient:
                 param="model",
                 code="model_not_found",
             )
-        chain = [route.provider, *self._targets[route.provider].settings.fallbacks]
+        target = self._targets[route.provider]
+        if target.settings.fallbacks:
+            return self._fall_back(exchange, target)
+        if target.settings.retries.attempts:
+            return self._try_provider(exchange, target)
+        exchange.upstream_attempts += 1
+        return self._send(exchange, target)
+
+    async def _fall_back(self, exchange: Exchange, first: Target) -> Reply:
+        chain = [first.name, *first.settings.fallbacks]
         last: GatewayError | None = None
         for index, name in enumerate(chain):
             if index:

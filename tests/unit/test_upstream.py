@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from gateway.config import ProviderSettings, Settings
-from gateway.errors import UpstreamError, UpstreamStatusError
+from gateway.errors import NotFoundError, UpstreamError, UpstreamStatusError
 from gateway.exchange import Exchange, Route
 from gateway.upstream import Target, UpstreamClient, _retry_delay
 
@@ -56,3 +58,36 @@ async def test_azure_requests_use_deployment_url_and_api_key_header():
     assert "Authorization" not in headers
     assert b'"prod-4o"' in data
     assert "azure-secret" not in repr(target)  # the key read out once stays out of reprs
+
+
+@pytest.mark.parametrize(("attempts", "tries"), [(0, 1), (1, 2)])
+async def test_an_unreachable_provider_is_tried_once_plus_its_retries(attempts, tries):
+    settings = Settings.model_validate({
+        "providers": {"p": {"base_url": "http://127.0.0.1:1/v1",
+                            "retries": {"attempts": attempts, "backoff_initial": 0.0}}},
+        "models": [{"name": "m", "provider": "p"}],
+    })  # fmt: skip
+    client = UpstreamClient(settings)
+    try:
+        ex = Exchange("r", "chat.completions", "POST", "/v1/chat/completions", {}, "1.2.3.4",
+                      raw_body=b'{"model":"m"}', body={"model": "m"})  # fmt: skip
+        ex.route = Route("m", "p", "m")
+        with pytest.raises(UpstreamError):
+            await client.forward(ex)
+    finally:
+        await client.close()
+    assert ex.upstream_attempts == tries and ex.provider == "p"
+
+
+async def test_an_unrouted_model_is_refused_before_any_provider_call():
+    client = UpstreamClient(Settings.model_validate({
+        "providers": {"p": {"base_url": "http://127.0.0.1:1/v1"}},
+        "models": [{"name": "m", "provider": "p"}],
+    }))  # fmt: skip
+    try:
+        ex = Exchange("r", "chat.completions", "POST", "/v1/chat/completions", {}, "1.2.3.4")
+        with pytest.raises(NotFoundError):
+            await client.forward(ex)
+    finally:
+        await client.close()
+    assert ex.upstream_attempts == 0

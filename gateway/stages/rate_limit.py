@@ -29,8 +29,6 @@ from gateway.tokens import CAP_FIELDS, CHARS_PER_TOKEN, completion_cap, count_pr
 ANONYMOUS = "anonymous"
 USAGE_ENDPOINTS = ("chat.completions", "completions")  # streams that take stream_options
 _PERIOD = {"daily_tokens": "day", "monthly_tokens": "month"}
-_REQUEST_HEADERS = tuple(f"x-ratelimit-{part}-requests" for part in ("limit", "remaining", "reset"))
-_TOKEN_HEADERS = tuple(f"x-ratelimit-{part}-tokens" for part in ("limit", "remaining", "reset"))
 _MILLISECONDS = tuple(f"{ms}ms" for ms in range(1000))  # resets under a second, made once
 _PLANS_KEPT = 65_536  # callers whose plans are kept
 
@@ -283,13 +281,13 @@ def rate_headers(limits: Sequence[Limit], reply: Sequence[int]) -> dict[str, str
         at += 2
     headers: dict[str, str] = {}
     if requests is not None:
-        headers[_REQUEST_HEADERS[0]] = str(requests.limit)
-        headers[_REQUEST_HEADERS[1]] = str(reply[at_requests])
-        headers[_REQUEST_HEADERS[2]] = duration(reply[at_requests + 1])
+        headers["x-ratelimit-limit-requests"] = str(requests.limit)
+        headers["x-ratelimit-remaining-requests"] = str(reply[at_requests])
+        headers["x-ratelimit-reset-requests"] = duration(reply[at_requests + 1])
     if tokens is not None:
-        headers[_TOKEN_HEADERS[0]] = str(tokens.limit)
-        headers[_TOKEN_HEADERS[1]] = str(reply[at_tokens])
-        headers[_TOKEN_HEADERS[2]] = duration(reply[at_tokens + 1])
+        headers["x-ratelimit-limit-tokens"] = str(tokens.limit)
+        headers["x-ratelimit-remaining-tokens"] = str(reply[at_tokens])
+        headers["x-ratelimit-reset-tokens"] = duration(reply[at_tokens + 1])
     return headers
 
 

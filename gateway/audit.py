@@ -16,7 +16,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -44,11 +44,18 @@ log = get_logger("gateway.audit")
 
 @dataclass(frozen=True, slots=True)
 class EventContext:
-    """What a request event needs beyond the exchange."""
+    """What a request event needs beyond the exchange, and the events of the request shapes
+    seen lately (see `build_request_event`): a cache, hence mutable inside the frozen value."""
 
     names: Pseudonymizer
     provider_kinds: Mapping[str, str]
     pseudonymize_tenant: bool = True
+    shapes: dict[tuple[Any, ...], dict[str, Any]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+
+SHAPES = 512  # the request shapes remembered per context (each one event, a few kB)
 
 
 def build_request_event(exchange: Exchange, context: EventContext, now: datetime) -> dict[str, Any]:
@@ -60,11 +67,96 @@ def build_request_event(exchange: Exchange, context: EventContext, now: datetime
     come as `OPT_SORT_KEYS` sorts them, the writer's chain fields in their places holding
     placeholders (`write(..., ordered=True)` fills them and skips the sort). Hence one literal
     in that order, whatever subject each key belongs to.
+
+    Most fields repeat between the requests of one shape (caller, route, outcome, client
+    family, and which of the per-request fields are written): the event of a shape seen
+    lately is copied and only the per-request fields (`_fill`) are set again, in their places.
     """
+    address = truncate_address(exchange.client_address)
+    shape = _shape(exchange, context, now, address)
+    known = context.shapes.get(shape) if shape is not None else None
+    if known is None:
+        known = _event(exchange, context, now)
+        if shape is not None:
+            _remember(context.shapes, shape, known, exchange)
+    event = known.copy()
+    _fill(event, exchange, now, address)
+    return event
+
+
+def _fill(event: dict[str, Any], exchange: Exchange, now: datetime, address: str | None) -> None:
+    """Sets the fields that change from one request to the next of a shape (its present
+    ones: the shape says which, so each is in its place already)."""
+    duration, total, upstream, overhead, first = _timing(exchange)
+    event["@timestamp"] = iso(now)
+    event["event.duration"] = duration
+    if first is not None:
+        event["gateway.latency.first_chunk_ms"] = first
+    event["gateway.latency.gateway_ms"] = overhead
+    event["gateway.latency.total_ms"] = total
+    if upstream is not None:
+        event["gateway.latency.upstream_ms"] = upstream
+    usage = exchange.usage
+    if usage is not None:
+        event["gen_ai.usage.input_tokens"] = usage.prompt_tokens
+        event["gen_ai.usage.output_tokens"] = usage.completion_tokens
+    event["http.request.id"] = scrub_text(exchange.request_id)
+    if address is not None:
+        event["source.address"] = address
+
+
+def _shape(
+    exchange: Exchange, context: EventContext, now: datetime, address: str | None
+) -> tuple[Any, ...] | None:
+    """Everything the fields `_fill` does not set follow from, and which of those it sets;
+    None for an event not to remember (a refused credential's fingerprint must not stay)."""
+    principal, route, timings = exchange.principal, exchange.route, exchange.timings
+    who: tuple[Any, ...] | None = None
+    if principal is not None:
+        who = (principal.subject, principal.tenant, principal.key_id, principal.method,
+               context.names.overlapping(now))  # fmt: skip
+    elif exchange.status == 401:
+        return None
+    return (who, exchange.endpoint, exchange.method, exchange.path, _asked(exchange),
+            route.upstream_model if route else None, exchange.provider, exchange.status,
+            exchange.error_code, exchange.ratelimit_outcome, exchange.is_stream,
+            exchange.upstream_attempts, tuple(exchange.redaction_counts.items()),
+            tuple(exchange.decisions), tuple(exchange.anomalies),
+            user_agent_family(exchange.headers.get("user-agent")), exchange.usage is None,
+            address is None, not timings.upstream_sent, not timings.first_written)  # fmt: skip
+
+
+def _remember(
+    shapes: dict[tuple[Any, ...], dict[str, Any]],
+    shape: tuple[Any, ...],
+    event: dict[str, Any],
+    exchange: Exchange,
+) -> None:
+    """Keeps `event` for its shape unless a text of the shape had something to remove: the
+    scrubber's own rule for what it remembers. (The subject and tenant stay, as in the
+    pseudonyms' cache.)"""
+    principal = exchange.principal
+    texts = [exchange.path, exchange.method, exchange.error_code, exchange.ratelimit_outcome,
+             exchange.provider, *shape[4:6], *exchange.anomalies,
+             *((principal.key_id, principal.method) if principal else ())]  # fmt: skip
+    if any(text is not None and scrub_text(text) != text for text in texts):
+        return
+    if len(shapes) >= SHAPES:
+        shapes.clear()
+    shapes[shape] = event
+
+
+def _asked(exchange: Exchange) -> str | None:
+    """The model asked for, as written: a name the catalog does not know is not."""
+    model = exchange.model
+    return model if exchange.route is not None or model is None else "[unknown]"
+
+
+def _event(exchange: Exchange, context: EventContext, now: datetime) -> dict[str, Any]:
+    """The event, built field by field (what the first request of a shape costs)."""
     status = exchange.status or 499
     failed = status >= 400
     route, usage, decisions = exchange.route, exchange.usage, exchange.decisions
-    asked = exchange.model if route is not None or exchange.model is None else "[unknown]"
     key, user, older, tenant, method, key_id, fingerprint = _identity(exchange, context, now)
     duration, total, upstream, overhead, first = _timing(exchange)
     event: dict[str, Any] = {
@@ -98,7 +190,7 @@ def build_request_event(exchange: Exchange, context: EventContext, now: datetime
         "gateway.stream": exchange.is_stream,
         "gateway.upstream.attempts": exchange.upstream_attempts or None,
         "gen_ai.operation.name": OPERATIONS.get(exchange.endpoint),
-        "gen_ai.request.model": _scrubbed(asked),
+        "gen_ai.request.model": _scrubbed(_asked(exchange)),
         "gen_ai.response.model": scrub_text(route.upstream_model) if route else None,
         "gen_ai.system": _scrubbed(context.provider_kinds.get(exchange.provider or "")),
         "gen_ai.usage.input_tokens": usage.prompt_tokens if usage else None,
@@ -212,10 +304,13 @@ def security_event(
 
 def iso(moment: datetime) -> str:
     """UTC, to the millisecond, with `Z`: `isoformat` cost a microsecond, so the text of the
-    whole second is formatted once and only the milliseconds per event."""
+    whole second is formatted once, and the milliseconds' text is looked up."""
     utc = moment if moment.tzinfo is UTC else aware(moment).astimezone(UTC)
     second = _second(utc.year, utc.month, utc.day, utc.hour, utc.minute, utc.second)
-    return f"{second}.{utc.microsecond // 1000:03d}Z"
+    return second + _MILLISECONDS[utc.microsecond // 1000]
+
+
+_MILLISECONDS = tuple(f".{n:03d}Z" for n in range(1000))
 
 
 @functools.lru_cache(maxsize=4)
@@ -255,8 +350,9 @@ class AuditWriter:
         """Chains and writes `event`, scrubbed first unless the caller built it scrubbed
         (`build_request_event` does: it is its own `scrub`), and serialized with sorted keys
         unless the caller built it `ordered` (`build_request_event` does: its keys come
-        sorted, the chain fields and `process.pid` among them)."""
-        record: dict[str, Any] = dict(event) if scrubbed else scrub(event)
+        sorted, the chain fields and `process.pid` among them). An event built both is handed
+        over: its chain fields are filled in place rather than in a copy."""
+        record = _record(event, scrubbed=scrubbed, ordered=ordered)
         if "@timestamp" not in record:
             record["@timestamp"] = iso(self._clock())
         self._seq += 1
@@ -290,7 +386,11 @@ class AuditWriter:
         except RuntimeError:  # no event loop: a command or a test
             self.flush()
             return
-        self._flushing = loop.call_soon(self.flush)
+        self._flushing = loop.call_soon(self._flush_scheduled)
+
+    def _flush_scheduled(self) -> None:
+        self._flushing = None  # running: nothing to cancel
+        self.flush()
 
     def flush(self) -> None:
         """Hands the events written so far to every sink's destination."""
@@ -315,6 +415,14 @@ class AuditWriter:
         self.flush()
         for sink in self._sinks:
             sink.close()
+
+
+def _record(event: Mapping[str, Any], *, scrubbed: bool, ordered: bool) -> dict[str, Any]:
+    if not scrubbed:
+        return scrub(event)  # type: ignore[no-any-return]
+    if ordered and type(event) is dict:
+        return event
+    return dict(event)
 
 
 def open_writer(settings: AuditSettings) -> AuditWriter:

@@ -59,9 +59,13 @@ class Pseudonymizer:
 
     def older_users(self, subject: str, now: datetime) -> list[str]:
         """Pseudonyms under the previous keys while the rotation overlap lasts."""
-        if self.overlap_until is None or now >= aware(self.overlap_until):
+        if not self.overlapping(now):
             return []
         return [_hmac(key, "user", subject) for _, key in self.keys[1:]]
+
+    def overlapping(self, now: datetime) -> bool:
+        """Whether the rotation overlap lasts at `now` (events name users under older keys)."""
+        return self.overlap_until is not None and now < aware(self.overlap_until)
 
 
 def _hmac(key: bytes, domain: str, value: str) -> str:
@@ -101,8 +105,10 @@ _AGENTS = (("OpenAI/Python", "openai-python"), ("OpenAI/JS", "openai-node"), ("c
            ("Chrome/", "chrome"), ("Safari/", "safari"), ("Mozilla/", "browser"))  # fmt: skip
 
 
+@functools.lru_cache(maxsize=1024)
 def user_agent_family(agent: str | None) -> str | None:
-    """A bounded family name; the free-text header itself is never logged."""
+    """A bounded family name; the free-text header itself is never logged. Remembered for the
+    agents seen lately (as `truncate_address` is for addresses): clients repeat theirs."""
     if not agent:
         return None
     for marker, family in _AGENTS:

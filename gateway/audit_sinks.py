@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-import structlog
+from gateway.log import write_lines
 
 
 class Sink(Protocol):
@@ -26,8 +26,8 @@ class Sink(Protocol):
 
 
 class StdoutSink:
-    """The process's structlog output (stdout unless reconfigured), one line per event, the
-    lines held until `flush` write in one call."""
+    """The process's log stream (stdout unless reconfigured), one line per event, the lines
+    held until `flush` write in one call."""
 
     name = "stdout"
 
@@ -41,7 +41,7 @@ class StdoutSink:
         if not self._pending:
             return
         lines, self._pending = self._pending, []
-        structlog.get_config()["logger_factory"]().msg("\n".join(lines))
+        write_lines("\n".join(lines))
 
     def close(self) -> None:
         """Flushes; the stream itself belongs to the logging configuration."""

@@ -7,6 +7,7 @@ text, keys or tokens.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from typing import Any, TextIO
@@ -36,6 +37,18 @@ class _Stream:
 
 
 _STREAM = _Stream()
+
+
+def write_lines(text: str) -> None:
+    """Writes lines rendered elsewhere (the audit trail's) to the log stream as one write, the
+    way a configured logger writes its own (with its newline, flush and lock)."""
+    _lines().msg(text)
+
+
+@functools.cache
+def _lines() -> structlog.WriteLogger:
+    # One for the process: making one per call cost more than writing (~9k instructions).
+    return structlog.WriteLogger(_STREAM)  # type: ignore[arg-type]
 
 
 def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:

@@ -469,3 +469,46 @@ async def test_a_failed_flush_counts_every_event_it_held():
     await asyncio.sleep(0)
     after = REGISTRY.get_sample_value("gateway_audit_write_errors_total", {"sink": "failing"})
     assert (after or 0) - (before or 0) == 3
+
+
+# --- remembered shapes ---------------------------------------------------------------------------
+
+
+def later(ex: Exchange, seconds: float) -> Exchange:
+    """`ex` again as another request of its shape: new id, times and token counts."""
+    ex.request_id = f"req_{seconds:032.0f}"
+    ex.timings.started += seconds
+    for name in ("upstream_sent", "first_chunk", "first_written", "upstream_done", "finished"):
+        if getattr(ex.timings, name):
+            setattr(ex.timings, name, getattr(ex.timings, name) + seconds * 1.5)
+    if ex.usage is not None:
+        ex.usage = Usage(ex.usage.prompt_tokens + 1, ex.usage.completion_tokens + 7)
+    return ex
+
+
+@pytest.mark.parametrize(
+    "build",
+    [full_exchange, retried_exchange, refused_exchange, plain_exchange, exchange,
+     lambda: hostile_exchange(leaks(8))],
+)  # fmt: skip
+def test_a_remembered_shape_gives_the_bytes_a_fresh_build_gives(build):
+    context = EventContext(names(NOW + timedelta(days=1)), {"fake": "openai"})
+    ex = build()
+    build_request_event(ex, context, NOW)
+    again = later(ex, 3.25)
+    remembered = build_request_event(again, context, NOW + timedelta(seconds=3))
+    fresh = build_request_event(again, EventContext(context.names, {"fake": "openai"}),
+                                NOW + timedelta(seconds=3))  # fmt: skip
+    assert orjson.dumps(remembered) == orjson.dumps(fresh)
+
+
+def test_a_refused_credential_is_never_remembered():
+    context = EventContext(names(), {})
+    build_request_event(refused_exchange(), context, NOW)
+    assert context.shapes == {}
+
+
+def test_a_shape_with_a_text_to_scrub_is_not_remembered():
+    context = EventContext(names(), {})
+    build_request_event(hostile_exchange(leaks(9)), context, NOW)
+    assert context.shapes == {}

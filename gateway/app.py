@@ -14,7 +14,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway.anomaly import AnomalyDetector, open_store
 from gateway.api_keys import KeyStore
-from gateway.audit import EventContext, close_writer, open_writer
+from gateway.audit import close_writer, open_writer
+from gateway.audit_event import EventContext
 from gateway.audit_privacy import Pseudonymizer
 from gateway.catalog import Catalog
 from gateway.config import Settings

@@ -14,7 +14,8 @@ from typing import Any
 
 from gateway.anomaly import Anomaly, AnomalyDetector
 from gateway.anomaly_state import Observation
-from gateway.audit import AuditWriter, EventContext, build_request_event, iso, security_event
+from gateway.audit import AuditWriter, security_event
+from gateway.audit_event import EventContext, build_request_event, iso
 from gateway.exchange import Exchange, PolicyDecision
 from gateway.pipeline import Stage
 

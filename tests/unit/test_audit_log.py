@@ -8,7 +8,9 @@ from datetime import UTC, datetime
 import pytest
 
 from gateway.anomaly import AnomalyDetector, MemoryStore, Observation
-from gateway.audit import AuditWriter, EventContext, Pseudonymizer
+from gateway.audit import AuditWriter
+from gateway.audit_event import EventContext
+from gateway.audit_privacy import Pseudonymizer
 from gateway.config import AnomalySettings
 from gateway.exchange import Exchange, PolicyDecision, Principal
 from gateway.stages.audit_log import AuditTrail, teaches_detectors

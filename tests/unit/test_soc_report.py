@@ -12,7 +12,9 @@ import pytest
 
 from gateway.__main__ import main
 from gateway.anomaly import Anomaly
-from gateway.audit import AuditWriter, EventContext, Pseudonymizer, RotatingFileSink
+from gateway.audit import AuditWriter, RotatingFileSink
+from gateway.audit_event import EventContext
+from gateway.audit_privacy import Pseudonymizer
 from gateway.exchange import Exchange, PolicyDecision, Principal, Route, Usage
 from gateway.soc_report import build_report, parse_events, render_html, render_markdown
 from gateway.stages.audit_log import AuditTrail

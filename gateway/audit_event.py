@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,21 +31,21 @@ OPERATIONS = {"chat.completions": "chat", "responses": "chat", "completions": "t
 
 @dataclass(frozen=True, slots=True)
 class EventContext:
-    """What a request event needs beyond the exchange, and the events of the request shapes
-    seen lately (see `build_request_event`): a cache, hence mutable inside the frozen value."""
+    """What a request event needs beyond the exchange."""
 
     names: Pseudonymizer
     provider_kinds: Mapping[str, str]
     pseudonymize_tenant: bool = True
-    shapes: dict[tuple[Any, ...], dict[str, Any]] = field(
-        default_factory=dict, compare=False, repr=False
-    )
 
 
-SHAPES = 512  # the request shapes remembered per context (each one event, a few kB)
+Shapes = dict[tuple[Any, ...], dict[str, Any]]
+"""The events of the request shapes seen lately, by shape (see `build_request_event`)."""
+SHAPES = 512  # the request shapes remembered by one owner (each one event, a few kB)
 
 
-def build_request_event(exchange: Exchange, context: EventContext, now: datetime) -> dict[str, Any]:
+def build_request_event(
+    exchange: Exchange, context: EventContext, now: datetime, *, shapes: Shapes | None = None
+) -> dict[str, Any]:
     """The audit event of one finished request (also one refused before the pipeline).
 
     Built already scrubbed (a fixed point of `scrub`, so the writer can skip its pass): every
@@ -56,16 +56,21 @@ def build_request_event(exchange: Exchange, context: EventContext, now: datetime
     in that order, whatever subject each key belongs to.
 
     Most fields repeat between the requests of one shape (caller, route, outcome, client
-    family, and which of the per-request fields are written): the event of a shape seen
-    lately is copied and only the per-request fields (`_fill`) are set again, in their places.
+    family, and which of the per-request fields are written): given `shapes` (its caller's
+    cache), the event of a shape seen lately is copied and only the per-request fields
+    (`_fill`) are set again, in their places.
     """
     address = truncate_address(exchange.client_address)
+    if shapes is None:
+        event = _event(exchange, context, now)
+        _fill(event, exchange, now, address)
+        return event
     shape = _shape(exchange, context, now, address)
-    known = context.shapes.get(shape) if shape is not None else None
+    known = shapes.get(shape) if shape is not None else None
     if known is None:
         known = _event(exchange, context, now)
         if shape is not None:
-            _remember(context.shapes, shape, known, exchange)
+            _remember(shapes, shape, known, exchange)
     event = known.copy()
     _fill(event, exchange, now, address)
     return event
@@ -114,7 +119,7 @@ def _shape(
 
 
 def _remember(
-    shapes: dict[tuple[Any, ...], dict[str, Any]],
+    shapes: Shapes,
     shape: tuple[Any, ...],
     event: dict[str, Any],
     exchange: Exchange,

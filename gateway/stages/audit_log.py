@@ -8,14 +8,14 @@ anomalies into security events. Must not delay the answer: detection runs in the
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from gateway.anomaly import Anomaly, AnomalyDetector
 from gateway.anomaly_state import Observation
 from gateway.audit import AuditWriter, security_event
-from gateway.audit_event import EventContext, build_request_event, iso
+from gateway.audit_event import EventContext, Shapes, build_request_event, iso
 from gateway.exchange import Exchange, PolicyDecision
 from gateway.pipeline import Stage
 
@@ -24,17 +24,19 @@ _VIOLATIONS = frozenset({"block", "deny", "redact", "mask", "alert", "flag"})
 
 @dataclass(slots=True)
 class AuditTrail:
-    """The writer, the pseudonym context and (optionally) the anomaly detector."""
+    """The writer, the pseudonym context, the request shapes seen lately (their events, kept
+    by `build_request_event`) and (optionally) the anomaly detector."""
 
     writer: AuditWriter
     context: EventContext
     detector: AnomalyDetector | None = None
     injection_rule: str = "injection"
     canary_rule: str = "canary"
+    shapes: Shapes = field(default_factory=dict)
 
     def record(self, exchange: Exchange) -> None:
         """Writes the event of a finished request and queues it for anomaly detection."""
-        event = build_request_event(exchange, self.context, self.writer.now())
+        event = build_request_event(exchange, self.context, self.writer.now(), shapes=self.shapes)
         self.writer.write(event, scrubbed=True, ordered=True)
         if self.detector is not None and teaches_detectors(exchange):
             self.detector.submit(self.observation(exchange, event))

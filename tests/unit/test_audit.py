@@ -487,23 +487,22 @@ def later(ex: Exchange, seconds: float) -> Exchange:
      lambda: hostile_exchange(leaks(8))],
 )  # fmt: skip
 def test_a_remembered_shape_gives_the_bytes_a_fresh_build_gives(build):
-    context = EventContext(names(NOW + timedelta(days=1)), {"fake": "openai"})
+    context, shapes = EventContext(names(NOW + timedelta(days=1)), {"fake": "openai"}), {}
     ex = build()
-    build_request_event(ex, context, NOW)
+    build_request_event(ex, context, NOW, shapes=shapes)
     again = later(ex, 3.25)
-    remembered = build_request_event(again, context, NOW + timedelta(seconds=3))
-    fresh = build_request_event(again, EventContext(context.names, {"fake": "openai"}),
-                                NOW + timedelta(seconds=3))  # fmt: skip
+    remembered = build_request_event(again, context, NOW + timedelta(seconds=3), shapes=shapes)
+    fresh = build_request_event(again, context, NOW + timedelta(seconds=3))
     assert orjson.dumps(remembered) == orjson.dumps(fresh)
 
 
 def test_a_refused_credential_is_never_remembered():
-    context = EventContext(names(), {})
-    build_request_event(refused_exchange(), context, NOW)
-    assert context.shapes == {}
+    shapes: dict = {}
+    build_request_event(refused_exchange(), EventContext(names(), {}), NOW, shapes=shapes)
+    assert shapes == {}
 
 
 def test_a_shape_with_a_text_to_scrub_is_not_remembered():
-    context = EventContext(names(), {})
-    build_request_event(hostile_exchange(leaks(9)), context, NOW)
-    assert context.shapes == {}
+    shapes: dict = {}
+    build_request_event(hostile_exchange(leaks(9)), EventContext(names(), {}), NOW, shapes=shapes)
+    assert shapes == {}

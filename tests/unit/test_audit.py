@@ -356,11 +356,11 @@ def retried_exchange() -> Exchange:
     return ex
 
 
-@pytest.mark.parametrize(
-    "build",
-    [full_exchange, retried_exchange, refused_exchange, plain_exchange, exchange,
-     lambda: hostile_exchange(leaks(7))],
-)  # fmt: skip
+KINDS = [full_exchange, retried_exchange, refused_exchange, plain_exchange, exchange]
+"""The kinds of exchange a request event is checked on (plus a hostile one per test)."""
+
+
+@pytest.mark.parametrize("build", [*KINDS, lambda: hostile_exchange(leaks(7))])
 def test_a_request_event_is_written_as_with_sorted_keys(build):
     sink = ListSink()
     writer = AuditWriter([sink], clock=lambda: NOW)
@@ -481,11 +481,7 @@ def later(ex: Exchange, seconds: float) -> Exchange:
     return ex
 
 
-@pytest.mark.parametrize(
-    "build",
-    [full_exchange, retried_exchange, refused_exchange, plain_exchange, exchange,
-     lambda: hostile_exchange(leaks(8))],
-)  # fmt: skip
+@pytest.mark.parametrize("build", [*KINDS, lambda: hostile_exchange(leaks(8))])
 def test_a_remembered_shape_gives_the_bytes_a_fresh_build_gives(build):
     context, shapes = EventContext(names(NOW + timedelta(days=1)), {"fake": "openai"}), {}
     ex = build()

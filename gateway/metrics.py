@@ -6,6 +6,8 @@ configured model names, status codes, stage names): never ids, keys, users or fr
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
@@ -165,8 +167,8 @@ def observer(metric: Histogram, *labels: str) -> Observe:
     reads is unchanged (tests/unit/test_metrics.py holds the two equal).
 
     Call it from the event loop's thread only: in one process the values are changed without
-    their lock (see `_in_process`). Under `--workers` they are the shared files and go through
-    the values' own `inc`.
+    their lock (see `_in_process`). Under `--workers` they are the shared files: the amounts are
+    gathered and go through the values' own `inc` once per event-loop iteration (`_defer`).
     """
     key = (metric, *labels)
     found = _OBSERVERS.get(key)
@@ -196,11 +198,10 @@ def _in_process(value: Any) -> bool:
 
 def _observe(total: Any, buckets: list[Any], bounds: list[float]) -> Observe:
     if not _in_process(total):
-        add_to_sum, add_to_bucket = total.inc, [bucket.inc for bucket in buckets]
 
         def observe_shared(amount: float) -> None:
-            add_to_sum(amount)
-            add_to_bucket[bisect_left(bounds, amount)](1.0)
+            _defer(total, amount)
+            _defer(buckets[bisect_left(bounds, amount)], 1.0)
 
         return observe_shared
 
@@ -213,9 +214,39 @@ def _observe(total: Any, buckets: list[Any], bounds: list[float]) -> Observe:
 
 def _add(value: Any) -> Observe:
     if not _in_process(value):
-        return value.inc  # type: ignore[no-any-return]
+        return functools.partial(_defer, value)
 
     def add(amount: float) -> None:
         value._value += amount
 
     return add
+
+
+# Amounts the request path added to shared values (`--workers`) since the last flush.
+_PENDING: dict[Any, float] = {}
+
+
+def _defer(value: Any, amount: float) -> None:
+    """Adds `amount` to the shared `value` at the end of this event-loop iteration (at once
+    outside a loop). A shared value's `inc` takes a lock and writes its file: about 1.1 µs,
+    some 38 times per request. Gathered, each value is written once per iteration for all
+    the requests the iteration served; another worker's scrape sees them an iteration later."""
+    pending = _PENDING
+    first = not pending
+    pending[value] = pending.get(value, 0.0) + amount
+    if first:
+        try:
+            asyncio.get_running_loop().call_soon(flush_shared)
+        except RuntimeError:  # no event loop: a command or a test
+            flush_shared()
+
+
+def flush_shared() -> None:
+    """Writes what this process gathered for the shared values; before a scrape and at exit."""
+    if not _PENDING:
+        return
+    gathered = list(_PENDING.items())
+    _PENDING.clear()
+    for value, amount in gathered:
+        if amount:  # an in-flight gauge's +1 and -1 within one iteration cancel out
+            value.inc(amount)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway import __version__
+from gateway import __version__, metrics
 from gateway.app import create_app
 from gateway.cli.workers import run_master
 from gateway.config import DemoSettings, ServerSettings, Settings
@@ -196,6 +196,7 @@ async def _drain(app: web.Application, runner: web.AppRunner, settings: Settings
              deadline_seconds=server.shutdown_timeout)  # fmt: skip
     await asyncio.sleep(server.drain_delay)
     await runner.cleanup()
+    metrics.flush_shared()  # the last requests' counts, before the loop stops
     log.info("gateway_stopped")
 
 

@@ -6,11 +6,13 @@ how a histogram keeps its buckets, these tests fail instead of the metrics going
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
 import textwrap
 
+import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from gateway import metrics
@@ -103,3 +105,67 @@ def test_observer_and_incrementer_write_the_shared_files_under_workers(tmp_path)
     assert 'w_seconds_bucket{le="+Inf",route="chat"} 3.0' in collected
     assert 'w_seconds_sum{route="chat"} 2.55' in collected
     assert 'w_requests_total{route="chat"} 3.0' in collected
+
+
+def test_under_workers_an_iterations_amounts_reach_the_files_once_at_its_end(tmp_path):
+    """In an event loop the shared files are written at the end of the iteration, each value
+    once for all its amounts; a scrape (`flush_shared`) writes them at once; a gauge's +1 and
+    -1 within one iteration leave its file alone."""
+    script = textwrap.dedent("""
+        import asyncio, json
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client.multiprocess import MultiProcessCollector
+        from gateway import metrics
+        histogram = Histogram("l_seconds", "l", ["route"], buckets=(0.1, 1))
+        counter = Counter("l_requests_total", "l", ["route"])
+        gauge = Gauge("l_in_flight", "l", multiprocess_mode="livesum")
+        writes = []
+        value_class = type(counter.labels("chat")._value)
+        real_inc = value_class.inc
+        def counted_inc(self, amount):
+            writes.append(amount)
+            real_inc(self, amount)
+        value_class.inc = counted_inc
+        observe = metrics.observer(histogram, "chat")
+        count = metrics.incrementer(counter, "chat")
+        in_flight = metrics.incrementer(gauge)
+
+        def read():
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return {s.name + str(sorted(s.labels.items())): s.value
+                    for m in registry.collect() for s in m.samples}
+
+        async def main():
+            out = {}
+            for amount in (0.05, 0.5, 0.07):
+                in_flight(1)
+                observe(amount)
+                count(1)
+                in_flight(-1)
+            out["during"] = read().get("l_requests_total[('route', 'chat')]", 0.0)
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            out["after"] = read()
+            out["writes"] = list(writes)
+            count(1)
+            metrics.flush_shared()
+            out["scraped"] = read()["l_requests_total[('route', 'chat')]"]
+            return out
+
+        print(json.dumps(asyncio.run(main())))
+    """)
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PATH": ""}
+    done = subprocess.run([sys.executable, "-c", script], env=env, check=True,
+                          capture_output=True, text=True)  # fmt: skip
+    out = json.loads(done.stdout)
+    assert out["during"] == 0.0
+    after = out["after"]
+    assert after["l_requests_total[('route', 'chat')]"] == 3.0
+    assert after["l_seconds_bucket[('le', '0.1'), ('route', 'chat')]"] == 2.0
+    assert after["l_seconds_bucket[('le', '1.0'), ('route', 'chat')]"] == 3.0
+    assert after["l_seconds_sum[('route', 'chat')]"] == pytest.approx(0.62)
+    assert after["l_in_flight[]"] == 0.0
+    # sum, two buckets and the counter: one write each; the gauge's +3 -3 none.
+    assert sorted(round(amount, 9) for amount in out["writes"]) == [0.62, 1.0, 2.0, 3.0]
+    assert out["scraped"] == 4.0

@@ -184,13 +184,14 @@ def limit_words(limits: Sequence[Limit], slots: Sequence[int]) -> str:
 
 
 class Batch:
-    """Operations gathered for one script call, and the futures their callers await. A
-    settlement whose failure its caller does not hear (`add_settlement`) is one of `quiet`,
+    """Operations gathered for one script call on `loop`, and the futures their callers await.
+    A settlement whose failure its caller does not hear (`add_settlement`) is one of `quiet`,
     with its queue time in `queued`: its future ends with None if the batch fails."""
 
-    __slots__ = ("slots", "words", "seen", "operations", "waiters", "quiet", "queued")
+    __slots__ = ("loop", "slots", "words", "seen", "operations", "waiters", "quiet", "queued")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop  # kept: each operation's future would look the running loop up again
         self.slots: dict[str, int] = {}  # key -> its index in KEYS (from 1): each key sent once
         self.words: dict[tuple[Limit, ...], str] = {}  # limits -> their words in this batch
         # id(limits) -> (limits, words): the very tuple seen before is found without hashing
@@ -217,7 +218,7 @@ class Batch:
 
     def add(self, operation: str, flush: Callable[[Batch], None]) -> asyncio.Future[Any]:
         """Queues `operation`; the future gets its reply. A full batch is sent at once."""
-        waiter = asyncio.get_running_loop().create_future()
+        waiter = self.loop.create_future()
         self.operations.append(operation)
         self.waiters.append(waiter)
         if len(self.waiters) >= BATCH_SIZE:
@@ -227,7 +228,7 @@ class Batch:
     def add_settlement(self, operation: str, queued: float) -> asyncio.Future[Any]:
         """Queues a settlement whose future ends when the batch is answered, failed or not
         (the caller of `flush` reports how it went); the caller sends a full batch."""
-        waiter = asyncio.get_running_loop().create_future()
+        waiter = self.loop.create_future()
         self.operations.append(operation)
         self.waiters.append(waiter)
         self.quiet.append(waiter)

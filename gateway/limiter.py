@@ -124,8 +124,9 @@ class RedisBackend:
 
     def _new_batch(self) -> Batch:
         """A batch to gather into, sent once this event-loop iteration ends."""
-        batch = self._open = Batch()
-        asyncio.get_running_loop().call_soon(self._flush, batch)
+        loop = asyncio.get_running_loop()
+        batch = self._open = Batch(loop)
+        loop.call_soon(self._flush, batch)
         return batch
 
     def _flush(self, batch: Batch) -> None:
@@ -133,7 +134,7 @@ class RedisBackend:
         if batch is not self._open or (self._sending and len(batch.waiters) < BATCH_SIZE):
             return
         self._open = None
-        task = asyncio.get_running_loop().create_task(self._send(batch))
+        task = batch.loop.create_task(self._send(batch))
         self._sending.add(task)
         task.add_done_callback(batch.finish)
         if batch.queued and self._settled is not None:

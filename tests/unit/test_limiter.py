@@ -314,15 +314,15 @@ async def test_a_stalled_redis_fails_within_the_command_timeout(redis_server):
         await redis.close()
 
 
-def test_a_batch_encodes_each_set_of_limits_once_and_sends_each_key_once():
-    batch = Batch()
+async def test_a_batch_encodes_each_set_of_limits_once_and_sends_each_key_once():
+    batch = Batch(asyncio.get_running_loop())
     first, other = (rate(5), slots(2)), (rate(5), rate(9, key="x"))
     words = batch.words_of("{t}:", first)
     assert batch.words_of("{t}:", (rate(5), slots(2))) is words  # equal limits: encoded once
     assert words == "2 1 r 5 60000 2 c 2 10000"
     assert batch.words_of("{t}:", other) == "2 1 r 5 60000 3 r 9 60000"  # k:r keeps its index
     assert list(batch.slots) == ["{t}:k:r", "{t}:k:c", "{t}:x:r"]
-    assert Batch().words_of("{t}:", other) == "2 1 r 5 60000 2 r 9 60000"  # per batch
+    assert Batch(batch.loop).words_of("{t}:", other) == "2 1 r 5 60000 2 r 9 60000"  # per batch
 
 
 async def test_limits_are_built_once_per_dimension_but_budgets_follow_the_clock():

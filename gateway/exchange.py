@@ -1,7 +1,8 @@
 """The per-request state that stages share, and the small values stored in it.
 
-Owns `Exchange` (the one mutable per-request object) and the frozen values stages hand each
-other through it. Must not do I/O or import anything above the core layer.
+Owns `Exchange` (the one mutable per-request object) and the values stages hand each other
+through it (frozen, but for `Usage`: see why there). Must not do I/O or import anything above
+the core layer.
 """
 
 from __future__ import annotations
@@ -39,8 +40,13 @@ class Route:
     upstream_model: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Usage:
+    """Tokens a request used, as the provider reported or the gateway estimated.
+
+    Never changed once made, yet not frozen: one is made per request, and a frozen dataclass
+    sets each field through `object.__setattr__` (0.42 -> 0.15 us to build)."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
 

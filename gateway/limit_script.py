@@ -2,9 +2,10 @@
 
 Owns the batch script (the reservations and settlements one process gathered for one round
 trip, run as one EVALSHA, in order, on one reading of the clock), the text of each
-operation, and `Batch`: the operations gathered for one script call and the futures their
-callers await. The algorithms are those of `gateway.limits`, whose `MemoryBackend` mirrors
-this script line for line. Must not do I/O: `gateway.limiter` sends the batches.
+operation (a caller's limits in it kept as an `Encoding`), and `Batch`: the operations
+gathered for one script call and the futures their callers await. The algorithms are those
+of `gateway.limits`, whose `MemoryBackend` mirrors this script line for line. Must not do
+I/O: `gateway.limiter` sends the batches.
 """
 
 from __future__ import annotations
@@ -183,41 +184,54 @@ def limit_words(limits: Sequence[Limit], slots: Sequence[int]) -> str:
     return f"{len(words)} {' '.join(words)}"
 
 
+class Encoding:
+    """How one tuple of limits goes into batches: its keys (hash tag included) and its words
+    for the KEYS indexes it was given last, which most batches give again (each numbers its
+    keys from 1, and concurrent requests of one caller share their limits). Kept by the
+    backend across batches, so a batch encodes a caller's limits only when their indexes
+    change; `batch` is the number of the batch whose indexes `words` holds."""
+
+    __slots__ = ("limits", "keys", "indexes", "words", "batch")
+
+    def __init__(self, tag: str, limits: tuple[Limit, ...]) -> None:
+        self.limits = limits
+        self.keys = [tag + lim.key for lim in limits]
+        self.indexes: list[int] | None = None  # none yet: the words are still to encode
+        self.words = ""
+        self.batch = -1
+
+
 class Batch:
-    """Operations gathered for one script call, and the futures their callers await. A
-    settlement whose failure its caller does not hear (`add_settlement`) is one of `quiet`,
-    with its queue time in `queued`: its future ends with None if the batch fails."""
+    """Operations gathered for one script call on `loop`, and the futures their callers await.
+    A settlement whose failure its caller does not hear (`add_settlement`) is one of `quiet`,
+    with its queue time in `queued`: its future ends with None if the batch fails. `number`
+    tells the batch apart from the backend's others (`Encoding.batch`)."""
 
-    __slots__ = ("slots", "words", "seen", "operations", "waiters", "quiet", "queued")
+    __slots__ = ("loop", "number", "slots", "operations", "waiters", "quiet", "queued")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, number: int) -> None:
+        self.loop = loop  # kept: each operation's future would look the running loop up again
+        self.number = number
         self.slots: dict[str, int] = {}  # key -> its index in KEYS (from 1): each key sent once
-        self.words: dict[tuple[Limit, ...], str] = {}  # limits -> their words in this batch
-        # id(limits) -> (limits, words): the very tuple seen before is found without hashing
-        # each Limit; keeping it alive keeps its id from being reused within the batch.
-        self.seen: dict[int, tuple[tuple[Limit, ...], str]] = {}
         self.operations: list[str] = []
         self.waiters: list[asyncio.Future[Any]] = []
         self.quiet: list[asyncio.Future[Any]] = []
         self.queued: list[float] = []
 
-    def words_of(self, tag: str, limits: tuple[Limit, ...]) -> str:
-        """The operation words of `limits` in this batch, encoded once per batch: concurrent
-        requests of one caller (or one tier) share their limits, so most are found."""
-        seen = self.seen.get(id(limits))
-        if seen is not None and seen[0] is limits:
-            return seen[1]
-        words = self.words.get(limits)
-        if words is None:
+    def words_of(self, encoding: Encoding) -> str:
+        """The operation words of `encoding`'s limits in this batch: found for the batch's
+        later operations, and encoded again only if their keys' indexes differ from last time."""
+        if encoding.batch != self.number:
             slots = self.slots
-            indexes = [slots.setdefault(tag + lim.key, len(slots) + 1) for lim in limits]
-            words = self.words[limits] = limit_words(limits, indexes)
-        self.seen[id(limits)] = (limits, words)
-        return words
+            indexes = [slots.setdefault(key, len(slots) + 1) for key in encoding.keys]
+            if indexes != encoding.indexes:
+                encoding.indexes, encoding.words = indexes, limit_words(encoding.limits, indexes)
+            encoding.batch = self.number
+        return encoding.words
 
     def add(self, operation: str, flush: Callable[[Batch], None]) -> asyncio.Future[Any]:
         """Queues `operation`; the future gets its reply. A full batch is sent at once."""
-        waiter = asyncio.get_running_loop().create_future()
+        waiter = self.loop.create_future()
         self.operations.append(operation)
         self.waiters.append(waiter)
         if len(self.waiters) >= BATCH_SIZE:
@@ -227,7 +241,7 @@ class Batch:
     def add_settlement(self, operation: str, queued: float) -> asyncio.Future[Any]:
         """Queues a settlement whose future ends when the batch is answered, failed or not
         (the caller of `flush` reports how it went); the caller sends a full batch."""
-        waiter = asyncio.get_running_loop().create_future()
+        waiter = self.loop.create_future()
         self.operations.append(operation)
         self.waiters.append(waiter)
         self.quiet.append(waiter)

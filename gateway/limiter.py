@@ -34,6 +34,7 @@ from gateway.limit_script import (
     BATCH_SIZE,
     SERVER_CLOCK,
     Batch,
+    Encoding,
     batch_argument,
     reserve_operation,
     settle_operation,
@@ -81,6 +82,8 @@ class RedisBackend:
         self._settled = settled
         self._open: Batch | None = None
         self._sending: set[asyncio.Task[None]] = set()
+        self._batches = itertools.count()
+        self._encodings: dict[int, Encoding] = {}  # id(limits) -> how they are encoded
 
     async def reserve(self, ask: Ask, now_ms: float | None) -> Decision:
         """`now_ms` None uses the Redis server's clock, which orders all replicas' calls."""
@@ -89,12 +92,12 @@ class RedisBackend:
     def reply_to(self, ask: Ask, now_ms: float | None = None) -> asyncio.Future[Any]:
         """Queues the reservation of `ask`; the future gets the script's reply to it."""
         batch = self._open or self._new_batch()
-        words = batch.words_of(self._tag, ask.limits)
+        words = batch.words_of(self._encoding(ask.limits))
         return batch.add(reserve_operation(ask, _stamp(now_ms), words), self._flush)
 
     async def settle(self, reservation: Reservation, used: int, now_ms: float | None) -> None:
         batch = self._open or self._new_batch()
-        words = batch.words_of(self._tag, reservation.limits)
+        words = batch.words_of(self._encoding(reservation.limits))
         await batch.add(settle_operation(reservation, used, _stamp(now_ms), words), self._flush)
 
     def queue_settle(
@@ -103,7 +106,7 @@ class RedisBackend:
         """Queues a settlement on the server's clock; its future ends when its batch is
         answered, failed or not: how it went is for `settled` (see the class)."""
         batch = self._open or self._new_batch()
-        words = batch.words_of(self._tag, reservation.limits)
+        words = batch.words_of(self._encoding(reservation.limits))
         operation = settle_operation(reservation, used, SERVER_CLOCK, words)
         waiter = batch.add_settlement(operation, queued)
         if len(batch.waiters) >= BATCH_SIZE:
@@ -124,16 +127,27 @@ class RedisBackend:
 
     def _new_batch(self) -> Batch:
         """A batch to gather into, sent once this event-loop iteration ends."""
-        batch = self._open = Batch()
-        asyncio.get_running_loop().call_soon(self._flush, batch)
+        loop = asyncio.get_running_loop()
+        batch = self._open = Batch(loop, next(self._batches))
+        loop.call_soon(self._flush, batch)
         return batch
+
+    def _encoding(self, limits: tuple[Limit, ...]) -> Encoding:
+        """How `limits` go into batches: the very tuple seen before is found by its id, without
+        hashing each Limit (the encoding keeps the tuple alive, so its id is not reused)."""
+        encoding = self._encodings.get(id(limits))
+        if encoding is None or encoding.limits is not limits:
+            if len(self._encodings) >= _ENCODINGS_KEPT:
+                self._encodings.clear()  # many callers, or budgets' limits made per request
+            encoding = self._encodings[id(limits)] = Encoding(self._tag, limits)
+        return encoding
 
     def _flush(self, batch: Batch) -> None:
         """Sends `batch`, unless it was sent already or one is on its way and it is not full."""
         if batch is not self._open or (self._sending and len(batch.waiters) < BATCH_SIZE):
             return
         self._open = None
-        task = asyncio.get_running_loop().create_task(self._send(batch))
+        task = batch.loop.create_task(self._send(batch))
         self._sending.add(task)
         task.add_done_callback(batch.finish)
         if batch.queued and self._settled is not None:
@@ -355,3 +369,4 @@ def _count_decision(decision: Decision) -> None:
 _ALLOWED = metrics.incrementer(metrics.RATELIMIT_DECISIONS, "all", "all", "allowed")
 _SETTLE_SECONDS = metrics.observer(metrics.RATELIMIT_SECONDS, "redis", "settle")
 _FIXED_LIMITS_KEPT = 65_536  # (dimension, ident) pairs whose limits are kept built
+_ENCODINGS_KEPT = 4096  # limits tuples whose encodings are kept

@@ -34,17 +34,31 @@ _PLANS_KEPT = 65_536  # callers whose plans are kept
 
 
 @dataclass(frozen=True, slots=True)
+class _Layout:
+    """Where a reply holds the header values when one request limit and one token limit apply
+    (so neither is chosen as the tightest): their limits as text, the reply index of each
+    one's remaining, and the length of a reply that covers every limit."""
+
+    requests_limit: str
+    at_requests: int
+    tokens_limit: str
+    at_tokens: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
 class _Plan:
     """What applies to one caller and model, worked out once: the dimensions and their values
     (none when nothing limits the caller), their limits (None when a budget applies: its
-    limits follow the clock, so each request builds them), and whether a budget applies,
-    usage is metered and a slot is held."""
+    limits follow the clock, so each request builds them), whether a budget applies, usage
+    is metered and a slot is held, and where the headers are in a reply (None: look)."""
 
     found: tuple[tuple[str, str, LimitValues], ...]
     limits: tuple[Limit, ...] | None
     budget: bool
     metered: bool
     holds_slot: bool
+    layout: _Layout | None = None
 
 
 @dataclass(slots=True)
@@ -85,7 +99,7 @@ class RateLimit(Stage):
         except ServiceUnavailableError:
             exchange.ratelimit_outcome = "unavailable"
             raise
-        headers = rate_headers(decision.limits, decision.reply)
+        headers = _headers(plan.layout, decision)
         reservation = decision.reservation
         if reservation is None:
             raise _refusal(exchange, decision, headers, ask)
@@ -146,7 +160,8 @@ class RateLimit(Stage):
         kinds = {lim.kind for lim in limits}
         fixed = "b" not in kinds  # budgets follow the clock: their limits are built anew
         return _Plan(found, limits if fixed else None, budget=not fixed,
-                     metered=bool(kinds & {"b", "t"}), holds_slot="c" in kinds)  # fmt: skip
+                     metered=bool(kinds & {"b", "t"}), holds_slot="c" in kinds,
+                     layout=_layout_of(limits))  # fmt: skip
 
     def _limits_of(self, found: tuple[tuple[str, str, LimitValues], ...]) -> tuple[Limit, ...]:
         limits_for = self._limiter.limits_for
@@ -260,6 +275,35 @@ async def _metered(
         if exchange.usage is None and meter.chars:
             completion = math.ceil(meter.chars / CHARS_PER_TOKEN)
             exchange.usage = Usage(ticket.prompt_tokens, completion)
+
+
+def _layout_of(limits: Sequence[Limit]) -> _Layout | None:
+    """Where the header values are in a reply to `limits`, if they name one request limit
+    and one token limit (a budget's limit stays the same as its period goes on)."""
+    requests = [i for i, lim in enumerate(limits) if lim.kind == "r"]
+    tokens = [i for i, lim in enumerate(limits) if lim.kind in ("t", "b")]
+    if len(requests) != 1 or len(tokens) != 1:
+        return None
+    request, token = limits[requests[0]], limits[tokens[0]]
+    at_requests, at_tokens, length = 4 + 2 * requests[0], 4 + 2 * tokens[0], 4 + 2 * len(limits)
+    return _Layout(str(request.limit), at_requests, str(token.limit), at_tokens, length)
+
+
+def _headers(layout: _Layout | None, decision: Decision) -> dict[str, str]:
+    """`rate_headers` of the decision, read at the plan's places when it has them (the loop
+    that finds the tightest costs as much as the headers themselves)."""
+    reply = decision.reply
+    if layout is None or len(reply) < layout.length:
+        return rate_headers(decision.limits, reply)
+    at_requests, at_tokens = layout.at_requests, layout.at_tokens
+    return {
+        "x-ratelimit-limit-requests": layout.requests_limit,
+        "x-ratelimit-remaining-requests": str(reply[at_requests]),
+        "x-ratelimit-reset-requests": duration(reply[at_requests + 1]),
+        "x-ratelimit-limit-tokens": layout.tokens_limit,
+        "x-ratelimit-remaining-tokens": str(reply[at_tokens]),
+        "x-ratelimit-reset-tokens": duration(reply[at_tokens + 1]),
+    }
 
 
 def rate_headers(limits: Sequence[Limit], reply: Sequence[int]) -> dict[str, str]:

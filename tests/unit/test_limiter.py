@@ -18,7 +18,7 @@ from gateway import metrics
 from gateway.config import LimitSettings, LimitValues, RedisSettings
 from gateway.errors import ServiceUnavailableError
 from gateway.limit_breaker import Breaker
-from gateway.limit_script import BATCH_SHA, Batch
+from gateway.limit_script import BATCH_SHA, Batch, Encoding
 from gateway.limiter import BATCH_SIZE, Limiter, RedisBackend, _evalsha_command
 from gateway.limits import Ask, Limit, MemoryBackend, limits_for
 
@@ -314,15 +314,31 @@ async def test_a_stalled_redis_fails_within_the_command_timeout(redis_server):
         await redis.close()
 
 
-def test_a_batch_encodes_each_set_of_limits_once_and_sends_each_key_once():
-    batch = Batch()
-    first, other = (rate(5), slots(2)), (rate(5), rate(9, key="x"))
-    words = batch.words_of("{t}:", first)
-    assert batch.words_of("{t}:", (rate(5), slots(2))) is words  # equal limits: encoded once
+async def test_a_batch_sends_each_key_once_and_encodes_limits_again_only_at_new_indexes():
+    loop = asyncio.get_running_loop()
+    first = Encoding("{t}:", (rate(5), slots(2)))
+    other = Encoding("{t}:", (rate(5), rate(9, key="x")))
+    batch = Batch(loop, 0)
+    words = batch.words_of(first)
     assert words == "2 1 r 5 60000 2 c 2 10000"
-    assert batch.words_of("{t}:", other) == "2 1 r 5 60000 3 r 9 60000"  # k:r keeps its index
+    assert batch.words_of(first) is words
+    assert batch.words_of(other) == "2 1 r 5 60000 3 r 9 60000"  # k:r keeps its index
     assert list(batch.slots) == ["{t}:k:r", "{t}:k:c", "{t}:x:r"]
-    assert Batch().words_of("{t}:", other) == "2 1 r 5 60000 2 r 9 60000"  # per batch
+    assert Batch(loop, 1).words_of(first) is words  # the same indexes: not encoded again
+    fresh = Batch(loop, 2)
+    assert fresh.words_of(other) == "2 1 r 5 60000 2 r 9 60000"  # indexes are per batch
+    assert fresh.words_of(first) == "2 1 r 5 60000 3 c 2 10000"
+    assert fresh.words_of(Encoding("{t}:", ())) == "0 "  # no limits (as no indexes) is encoded too
+
+
+async def test_limits_reused_across_batches_at_other_indexes_count_their_own_keys(open_backend):
+    redis = open_backend("reused")
+    a, b = (rate(10, key="a"),), (rate(10, key="b"), rate(10, key="a"))
+    await asyncio.gather(redis.reserve(Ask("1", a), T0), redis.reserve(Ask("2", b), T0))
+    # one batch again, now with b's keys first: a:r goes from index 1 to 2
+    again = await asyncio.gather(redis.reserve(Ask("3", b), T0), redis.reserve(Ask("4", a), T0))
+    assert [s.remaining for s in again[0].standings] == [8, 7]
+    assert [s.remaining for s in again[1].standings] == [6]
 
 
 async def test_limits_are_built_once_per_dimension_but_budgets_follow_the_clock():

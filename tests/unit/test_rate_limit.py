@@ -12,9 +12,9 @@ from gateway.errors import QuotaExceededError, RateLimitError
 from gateway.event_json import json_event
 from gateway.exchange import Exchange, Principal, Usage
 from gateway.limiter import Limiter
-from gateway.limits import Limit, Standing
+from gateway.limits import Ask, Limit, Standing, decision_from
 from gateway.sse import SseEvent
-from gateway.stages.rate_limit import RateLimit, duration, rate_headers
+from gateway.stages.rate_limit import RateLimit, _headers, _layout_of, duration, rate_headers
 from gateway.tokens import count_prompt
 
 MESSAGES = [{"role": "user", "content": "abcd" * 5}]
@@ -211,6 +211,24 @@ def test_headers_show_the_tightest_request_and_token_limit():
     short = rate_headers([s.limit for s in standings], [1, 0, 0, 0, 5, 100, 0, 0, 4])
     assert short["x-ratelimit-remaining-requests"] == "5"  # a short reply: the limits it covers
     assert "x-ratelimit-limit-tokens" not in short
+
+
+def _limit(kind: str, limit: int) -> Limit:
+    return Limit("n", "key", f"k{kind}{limit}", kind, limit, 60_000)
+
+
+@pytest.mark.parametrize("kinds", ["rtc", "crb", "tr", "r", "tc", "c", "rrt", "rtb", "bcr"])
+@pytest.mark.parametrize("covered", [None, 1, 0])  # whole reply, or one short of some limits
+def test_headers_at_the_plans_places_are_those_found_by_looking(kinds, covered):
+    limits = tuple(_limit(kind, 10 * (i + 1)) for i, kind in enumerate(kinds))
+    pairs = [n for i in range(len(kinds)) for n in (7 - i, 1500 * i)]
+    reply = [1, 0, 0, 5, *pairs[: None if covered is None else 2 * covered]]
+    decision = decision_from(Ask("id", limits, 5, 1), reply, "memory")
+    layout = _layout_of(limits)
+    assert (layout is not None) == (
+        kinds.count("r") == 1 and sum(kind in "tb" for kind in kinds) == 1
+    )
+    assert _headers(layout, decision) == rate_headers(limits, reply)
 
 
 @pytest.mark.parametrize(("ms", "text"), [(0, "0ms"), (20, "20ms"), (1000, "1s"), (1500, "1.5s"),

@@ -78,24 +78,32 @@ class AuditWriter:
         self._unflushed = 0
         self._flushing: asyncio.Handle | None = None
         self._counters: dict[str, Callable[[float], None]] = {}
+        self._count_request = self._counter("gateway.audit")
 
-    def write(
-        self, event: Mapping[str, Any], *, scrubbed: bool = False, ordered: bool = False
-    ) -> None:
-        """Chains and writes `event`, scrubbed first unless the caller built it scrubbed
-        (`build_request_event` does: it is its own `scrub`), and serialized with sorted keys
-        unless the caller built it `ordered` (`build_request_event` does: its keys come
-        sorted, the chain fields and `process.pid` among them). An event built both is handed
-        over: its chain fields are filled in place rather than in a copy."""
-        record = _record(event, scrubbed=scrubbed, ordered=ordered)
+    def write(self, event: Mapping[str, Any], *, scrubbed: bool = False) -> None:
+        """Chains and writes `event`, scrubbed first unless the caller built it scrubbed, and
+        serialized with sorted keys. (A request event goes through `write_request`.)"""
+        record = dict(event) if scrubbed else scrub(event)
         if "@timestamp" not in record:
             record["@timestamp"] = iso(self._clock())
+        count = self._counter(record.get("event.dataset", "gateway.audit"))
+        self._append(record, orjson.OPT_SORT_KEYS, count)
+
+    def write_request(self, event: dict[str, Any]) -> None:
+        """Chains and writes a request event as `build_request_event` built it: scrubbed (it
+        is its own `scrub`) and ordered (its keys come sorted, the chain fields and
+        `process.pid` among them). It is handed over: its chain fields are filled in place and
+        it is serialized as it stands, without a copy, a scrub or a sort."""
+        self._append(event, 0, self._count_request)
+
+    def _append(self, record: dict[str, Any], option: int, count: Callable[[float], None]) -> None:
+        """Numbers and chains `record`, hands its line to every sink and counts it."""
         self._seq += 1
         record["gateway.audit.stream"] = self.stream
         record["gateway.audit.seq"] = self._seq
         record["gateway.audit.prev_hash"] = self._previous
         record["process.pid"] = self._pid
-        line = orjson.dumps(record, option=0 if ordered else orjson.OPT_SORT_KEYS)
+        line = orjson.dumps(record, option=option)
         self._previous = hashlib.sha256(line).hexdigest()
         text = line.decode()
         for sink in self._sinks:
@@ -103,19 +111,19 @@ class AuditWriter:
                 sink.write(text)
             except OSError as exc:
                 self._failed(sink, exc, 1)
-        self._count(record.get("event.dataset", "gateway.audit"))
-        self._unflushed += 1
-        self._schedule_flush()
-
-    def _count(self, dataset: str) -> None:
-        count = self._counters.get(dataset)
-        if count is None:  # the labelled counter, looked up once per dataset
-            count = self._counters[dataset] = metrics.incrementer(metrics.AUDIT_EVENTS, dataset)
         count(1)
+        self._unflushed += 1
+        if self._flushing is None:
+            self._schedule_flush()
+
+    def _counter(self, dataset: str) -> Callable[[float], None]:
+        """The labelled counter of `dataset`'s events, looked up once per dataset."""
+        count = self._counters.get(dataset)
+        if count is None:
+            count = self._counters[dataset] = metrics.incrementer(metrics.AUDIT_EVENTS, dataset)
+        return count
 
     def _schedule_flush(self) -> None:
-        if self._flushing is not None:
-            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop: a command or a test
@@ -150,14 +158,6 @@ class AuditWriter:
         self.flush()
         for sink in self._sinks:
             sink.close()
-
-
-def _record(event: Mapping[str, Any], *, scrubbed: bool, ordered: bool) -> dict[str, Any]:
-    if not scrubbed:
-        return scrub(event)  # type: ignore[no-any-return]
-    if ordered and type(event) is dict:
-        return event
-    return dict(event)
 
 
 def open_writer(settings: AuditSettings) -> AuditWriter:

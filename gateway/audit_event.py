@@ -52,7 +52,7 @@ def build_request_event(
     string that is not a constant of this module, a pseudonym or a truncated address goes
     through `scrub_text` here. Built in canonical order too: its keys, nested ones included,
     come as `OPT_SORT_KEYS` sorts them, the writer's chain fields in their places holding
-    placeholders (`write(..., ordered=True)` fills them and skips the sort). Hence one literal
+    placeholders (`AuditWriter.write_request` fills them and skips the sort). Hence one literal
     in that order, whatever subject each key belongs to.
 
     Most fields repeat between the requests of one shape (caller, route, outcome, client

@@ -37,7 +37,7 @@ class AuditTrail:
     def record(self, exchange: Exchange) -> None:
         """Writes the event of a finished request and queues it for anomaly detection."""
         event = build_request_event(exchange, self.context, self.writer.now(), shapes=self.shapes)
-        self.writer.write(event, scrubbed=True, ordered=True)
+        self.writer.write_request(event)
         if self.detector is not None and teaches_detectors(exchange):
             self.detector.submit(self.observation(exchange, event))
 

@@ -366,7 +366,7 @@ def test_a_request_event_is_written_as_with_sorted_keys(build):
     writer = AuditWriter([sink], clock=lambda: NOW)
     context = EventContext(names(NOW + timedelta(days=1)), {"fake": "openai"})
     event = build_request_event(build(), context, NOW)
-    writer.write(event, scrubbed=True, ordered=True)
+    writer.write_request(event)
     writer.write(event, scrubbed=True)
     ordered, sorted_ = sink.lines
     record = orjson.loads(ordered)

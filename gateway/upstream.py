@@ -117,6 +117,9 @@ class UpstreamClient:
         self._timeouts = {
             name: client_timeout(p.timeouts) for name, p in settings.providers.items()
         }
+        self._header_seconds = {  # each provider's child made once, not looked up per request
+            name: metrics.observer(metrics.UPSTREAM_SECONDS, name) for name in settings.providers
+        }
         self._fallback_models = {m.name: dict(m.fallback_models) for m in settings.models}
         self._deadlines = DeadlineWatch()
         pool = max(p.max_connections for p in settings.providers.values())
@@ -198,7 +201,7 @@ class UpstreamClient:
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise _failure(target, exc) from exc
         exchange.timings.upstream_headers = time.perf_counter()
-        metrics.observer(metrics.UPSTREAM_SECONDS, target.name)(
+        self._header_seconds[target.name](
             exchange.timings.upstream_headers - exchange.timings.upstream_sent
         )
         returned = _returned_headers(response.headers)

@@ -224,7 +224,10 @@ class UpstreamClient:
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise _failure(target, exc) from exc
         finally:
-            response.release()
+            # A whole body read (or a failed read) closed the response and freed its connection
+            # already; releasing it again would only poison its drained stream (2-4 µs).
+            if not response.closed:
+                response.release()
 
     def _request_for(self, exchange: Exchange, target: Target) -> tuple[str, dict[str, str], bytes]:
         settings = target.settings

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from gateway.config import ProviderSettings, Settings
 from gateway.errors import NotFoundError, UpstreamError, UpstreamStatusError
-from gateway.exchange import Exchange, Route
+from gateway.exchange import Exchange, JsonReply, Route
 from gateway.upstream import Target, UpstreamClient, _retry_delay
 
 PROVIDER = ProviderSettings(
@@ -91,3 +93,37 @@ async def test_an_unrouted_model_is_refused_before_any_provider_call():
     finally:
         await client.close()
     assert ex.upstream_attempts == 0
+
+
+async def test_answers_read_whole_leave_their_connection_to_the_next_call():
+    """A JSON answer, or an error status with its body, is read whole and closed without a
+    separate release; the pooled connection carries the next call (one client port)."""
+    ports: list[int] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        ports.append(request.transport.get_extra_info("peername")[1])
+        status = 500 if len(ports) == 2 else 200
+        return web.json_response({"id": "c", "error": {"message": "x"}}, status=status)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    async with TestServer(app, host="127.0.0.1") as server:
+        client = UpstreamClient(Settings.model_validate({
+            "providers": {"p": {"base_url": f"http://127.0.0.1:{server.port}/v1",
+                                "retries": {"attempts": 0}}},
+            "models": [{"name": "m", "provider": "p"}],
+        }))  # fmt: skip
+        try:
+            for expected in (200, 500, 200):
+                ex = Exchange("r", "chat.completions", "POST", "/v1/chat/completions", {}, "",
+                              raw_body=b'{"model":"m"}', body={"model": "m"})  # fmt: skip
+                ex.route = Route("m", "p", "m")
+                if expected == 200:
+                    reply = await client.forward(ex)
+                    assert isinstance(reply, JsonReply) and b'"c"' in reply.raw
+                else:
+                    with pytest.raises(UpstreamStatusError):
+                        await client.forward(ex)
+        finally:
+            await client.close()
+    assert len(ports) == 3 and len(set(ports)) == 1

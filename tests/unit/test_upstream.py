@@ -101,6 +101,7 @@ async def test_answers_read_whole_leave_their_connection_to_the_next_call():
     ports: list[int] = []
 
     async def answer(request: web.Request) -> web.Response:
+        assert request.transport is not None
         ports.append(request.transport.get_extra_info("peername")[1])
         status = 500 if len(ports) == 2 else 200
         return web.json_response({"id": "c", "error": {"message": "x"}}, status=status)

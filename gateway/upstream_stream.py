@@ -90,7 +90,8 @@ async def _read(
     timings.upstream_done = time.perf_counter()
     for event in parser.flush():
         yield event
-    response.release()
+    if not response.closed:  # read to its end, it freed its connection already (upstream.py)
+        response.release()
 
 
 class IdleWatch:

@@ -17,7 +17,7 @@ from gateway import metrics
 from gateway.errors import ContentPolicyError
 from gateway.event_json import json_event, payload_of
 from gateway.exchange import Exchange
-from gateway.log import get_logger
+from gateway.log import debug_enabled, get_logger
 from gateway.pipeline import Stage
 from gateway.placeholders import (
     PLACEHOLDER,
@@ -75,7 +75,8 @@ class RedactPrompt(Stage):
                 slot.set(replacer.replace(text, found, slot.where))
         collected.write_json_fields()
         exchange.mark_changed()
-        log.debug("prompt_redacted", entities=dict(exchange.redaction_counts))
+        if debug_enabled():
+            log.debug("prompt_redacted", entities=dict(exchange.redaction_counts))
 
     async def on_response(self, exchange: Exchange, completion: dict[str, Any]) -> dict[str, Any]:
         table = restore_table(exchange)

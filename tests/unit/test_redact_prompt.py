@@ -12,6 +12,7 @@ import pytest
 from gateway.errors import ContentPolicyError, InvalidRequestError
 from gateway.event_json import json_event
 from gateway.exchange import Exchange
+from gateway.log import configure_logging
 from gateway.placeholders import Holdback
 from gateway.redaction_rules import EntityRule, RedactionRules
 from gateway.redactor import Finding
@@ -148,6 +149,18 @@ async def test_nothing_found_leaves_the_body_untouched():
         "chat.completions", {"messages": [{"role": "user", "content": "hello"}]}
     )
     assert not exchange.body_changed and analyzer.seen == ["hello"]
+
+
+@pytest.mark.parametrize("level", ["debug", "info"])
+async def test_redaction_counts_are_a_debug_event(level, log_buffer):
+    configure_logging(level, "json", stream=log_buffer)
+    body = {"messages": [{"role": "user", "content": "Alice Smith alice@example.org"}]}
+    await _redact("chat.completions", body)
+    events = [json.loads(line) for line in log_buffer.getvalue().splitlines()]
+    redacted = [event for event in events if event["event"] == "prompt_redacted"]
+    expected = {"PERSON": 1, "EMAIL_ADDRESS": 1}
+    assert redacted == ([] if level == "info" else [{**redacted[0], "entities": expected}])
+    assert "Alice" not in log_buffer.getvalue()
 
 
 def _restoring_exchange(restore_secret: bool = False) -> Exchange:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from gateway.errors import ContentPolicyError, InvalidRequestError
 from gateway.event_json import json_event
@@ -133,6 +134,33 @@ async def test_mask_hash_and_allow():
         "***** ***** <EMAIL_ADDRESS#hhhhhhhhhhhh> hunter2pass"
     )
     assert exchange.placeholders == {}
+
+
+async def test_each_request_follows_its_own_rules():
+    masked = RedactionRules(entities={"PERSON": EntityRule(action="mask")})
+    blocked = RedactionRules(entities={"PERSON": EntityRule(action="block")})
+    per_tenant = {"a": RedactionRules(), "b": masked, "c": blocked}
+    stage = RedactPrompt(FakeAnalyzer(), rules_for=lambda exchange: per_tenant[exchange.path])
+    expected = {"a": "hi <PERSON_1>", "b": "hi ***** *****"}
+    actions = ("pseudonymize", "mask", "block")
+    before = {action: _counted("PERSON", action) for action in actions}
+    for tenant in ("a", "b", "c", "a", "b"):
+        exchange = _exchange("chat.completions", {"messages": [
+            {"role": "user", "content": "hi Alice Smith"}]})  # fmt: skip
+        exchange.path = tenant
+        if tenant == "c":
+            with pytest.raises(ContentPolicyError):
+                await stage.on_request(exchange)
+            continue
+        await stage.on_request(exchange)
+        assert exchange.body["messages"][0]["content"] == expected[tenant]
+    counted = [_counted("PERSON", action) - before[action] for action in actions]
+    assert counted == [2, 2, 1]
+
+
+def _counted(entity: str, action: str) -> float:
+    labels = {"entity": entity, "action": action}
+    return REGISTRY.get_sample_value("gateway_redaction_entities_total", labels) or 0.0
 
 
 async def test_client_written_placeholders_are_not_reused():

@@ -39,7 +39,9 @@ class TextAnalyzer(Protocol):
 
     rules: RedactionRules
 
-    async def analyze(self, texts: Sequence[str], rules: RedactionRules) -> list[list[Finding]]: ...
+    async def analyze(
+        self, texts: Sequence[str], rules: RedactionRules
+    ) -> Sequence[Sequence[Finding]]: ...
 
     def keyed_hash(self, value: str) -> str: ...
 

@@ -88,7 +88,7 @@ class RedactPrompt(Stage):
     async def on_response(self, exchange: Exchange, completion: dict[str, Any]) -> dict[str, Any]:
         table = restore_table(exchange)
         if table:
-            restore_tree(completion, table, json_escaped(table))
+            restore_tree(completion, table)
         return completion
 
     def on_stream(

@@ -1,8 +1,8 @@
 """Structured logging: configures structlog once for JSON lines with request context.
 
-Owns the processor chain (contextvars, level, timestamp, exceptions, renderer). Must not
-decide what is logged; callers log snake_case events with key-value fields, never prompt
-text, keys or tokens.
+Owns the processor chain (contextvars, level, timestamp, exceptions, renderer) and knowing
+whether debug events are written. Must not decide what is logged; callers log snake_case
+events with key-value fields, never prompt text, keys or tokens.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class _Stream:
 
 
 _STREAM = _Stream()
+_debug_enabled = True  # structlog writes every level until it is configured
 
 
 def write_lines(text: str) -> None:
@@ -53,6 +54,8 @@ def _lines() -> structlog.WriteLogger:
 
 def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
     """Sets up structlog for the process; call once at startup."""
+    global _debug_enabled
+    _debug_enabled = _LEVELS[level] <= logging.DEBUG
     renderer: Any = (
         structlog.processors.JSONRenderer(serializer=_dumps)
         if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
@@ -72,6 +75,12 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
         cache_logger_on_first_use=True,
     )
     _route_library_logs()
+
+
+def debug_enabled() -> bool:
+    """Whether debug events are written. A hot path asks before logging one: a dropped event
+    still costs binding the lazy logger and building its fields (~2 us)."""
+    return _debug_enabled
 
 
 class _LibraryRecords(logging.Handler):

@@ -50,15 +50,17 @@ def restore_text(text: str, table: dict[str, str]) -> str:
     return "".join(pieces)
 
 
-def restore_tree(node: Any, table: dict[str, str], escaped: dict[str, str]) -> Any:
-    """Restores every string in a JSON tree; `arguments` strings get JSON-escaped values."""
+def restore_tree(node: Any, table: dict[str, str], escaped: dict[str, str] | None = None) -> Any:
+    """Restores every string in a JSON tree; `arguments` strings get JSON-escaped values
+    (`escaped`, or `json_escaped(table)` made when one holds a placeholder: most answers
+    have no tool call)."""
     if isinstance(node, dict):
         for key, value in node.items():
             if type(value) in _SCALARS:
                 continue
             if isinstance(value, str):
                 if "<" in value:
-                    node[key] = restore_text(value, escaped if key == "arguments" else table)
+                    node[key] = restore_text(value, _table_for(key, table, escaped))
             elif isinstance(value, _CONTAINERS):
                 restore_tree(value, table, escaped)
     elif isinstance(node, list):
@@ -71,6 +73,12 @@ def restore_tree(node: Any, table: dict[str, str], escaped: dict[str, str]) -> A
             elif isinstance(value, _CONTAINERS):
                 restore_tree(value, table, escaped)
     return node
+
+
+def _table_for(key: str, table: dict[str, str], escaped: dict[str, str] | None) -> dict[str, str]:
+    if key != "arguments":
+        return table
+    return json_escaped(table) if escaped is None else escaped
 
 
 class Holdback:

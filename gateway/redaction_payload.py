@@ -24,15 +24,13 @@ _CONTAINERS = (dict, list)
 
 @dataclass(slots=True)
 class Slot:
-    """Where one text lives: `container[key]`; `where` names it in errors (never the value)."""
+    """Where one text lives: `container[key]`; `where` names it in errors (never the value);
+    `text` is what it held when collected."""
 
     container: Any
     key: str | int
     where: str
-
-    @property
-    def text(self) -> str:
-        return str(self.container[self.key])
+    text: str
 
     def set(self, text: str) -> None:
         self.container[self.key] = text
@@ -72,8 +70,8 @@ def _list(value: Any) -> list[Any]:
 
 def _string(found: Collected, container: Any, key: str | int, where: str) -> bool:
     """Collects `container[key]` if it is a string; says whether it was."""
-    if isinstance(container, _CONTAINERS) and isinstance(_get(container, key), str):
-        found.slots.append(Slot(container, key, where))
+    if isinstance(container, _CONTAINERS) and isinstance(text := _get(container, key), str):
+        found.slots.append(Slot(container, key, where, text))
         return True
     return False
 
@@ -89,8 +87,8 @@ def _message(found: Collected, message: Any, where: str, rules: RedactionRules) 
         return
     _content(found, message, "content", f"{where}.content", rules)
     for key in ("name", "refusal"):
-        if isinstance(message.get(key), str):  # names are built only for what is there
-            found.slots.append(Slot(message, key, f"{where}.{key}"))
+        if isinstance(text := message.get(key), str):  # names are built only for what is there
+            found.slots.append(Slot(message, key, f"{where}.{key}", text))
     for index, call in enumerate(_list(message.get("tool_calls"))):
         if isinstance(call, dict):
             _arguments(found, call.get("function"), f"{where}.tool_calls[{index}].function")
@@ -118,10 +116,11 @@ def _content(found: Collected, holder: Any, key: str, where: str, rules: Redacti
 def _arguments(found: Collected, function: Any, where: str) -> None:
     if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
         return
+    arguments = function["arguments"]
     try:
-        parsed = json.loads(function["arguments"])
+        parsed = json.loads(arguments)
     except ValueError:
-        found.slots.append(Slot(function, "arguments", f"{where}.arguments"))
+        found.slots.append(Slot(function, "arguments", f"{where}.arguments", arguments))
         return
     found.json_fields.append((function, "arguments", parsed))
     _json_leaves(found, parsed, f"{where}.arguments")
@@ -132,7 +131,7 @@ def _json_leaves(found: Collected, node: Any, where: str) -> None:
         else ()  # fmt: skip
     for key, value in items:
         if isinstance(value, str):
-            found.slots.append(Slot(node, key, where))
+            found.slots.append(Slot(node, key, where, value))
         else:
             _json_leaves(found, value, where)
 
@@ -164,4 +163,4 @@ def _prompt(found: Collected, body: dict[str, Any], name: str) -> None:
                 "data. Send text instead.",
                 param=name,
             )
-        found.slots.append(Slot(value, index, f"{name}[{index}]"))
+        found.slots.append(Slot(value, index, f"{name}[{index}]", item))

@@ -79,6 +79,8 @@ class Redactor:
         key = settings.hash_key.get_secret_value().encode() if settings.hash_key else b""
         self._hash_key = key or secrets.token_bytes(32)
         self._cache_key = secrets.token_bytes(32)
+        self._key_entities: tuple[str, ...] | None = None
+        self._key_prefix = b""
 
     def update_rules(self, rules: RedactionRules) -> None:
         """Replaces the default rules (e.g. after policy files were reloaded)."""
@@ -123,7 +125,9 @@ class Redactor:
         """A stable, keyed digest of `value` (12 hex characters)."""
         return hmac.new(self._hash_key, value.encode(), hashlib.sha256).hexdigest()[:12]
 
-    async def analyze(self, texts: Sequence[str], rules: RedactionRules) -> list[list[Finding]]:
+    async def analyze(
+        self, texts: Sequence[str], rules: RedactionRules
+    ) -> list[tuple[Finding, ...]]:
         """Findings per text under `rules`: non-overlapping, sorted by position.
 
         Raises `PayloadTooLargeError` for a text over the limit and `ServiceUnavailableError`
@@ -132,17 +136,21 @@ class Redactor:
         self._check_lengths(texts)
         entities = rules.detected()
         keys = self._keys(entities, texts)
-        cached = [self._cache.get(key) for key in keys]
+        cached = list(map(self._cache.get, keys))
         misses = cached.count(None)
         if misses:
             self._misses(misses)
         if misses < len(texts):
             self._hits(len(texts) - misses)
         fresh = await self._analyzed(texts, keys, cached, entities) if misses else {}
-        return [
-            self._applied(key, fresh[text] if entry is None else entry, text, rules)
-            for key, entry, text in zip(keys, cached, texts, strict=True)
-        ]
+        found = []
+        for key, entry, text in zip(keys, cached, texts, strict=True):
+            done = fresh[text] if entry is None else entry
+            # The usual repeat, a text seen before under these same rules, takes no work.
+            found.append(
+                done.findings if done.rules is rules else self._applied(key, done, text, rules)
+            )
+        return found
 
     def _check_lengths(self, texts: Sequence[str]) -> None:
         limit = self.settings.max_text_chars
@@ -156,8 +164,17 @@ class Redactor:
         """Cache keys: SHA-256 of a per-process secret, the entity types looked for and the
         text. The secret keeps prompts from being confirmed from the cache's keys; the keys
         never leave the process, so one pass (no HMAC) is enough, at a third of its cost."""
-        prefix = self._cache_key + ",".join(entities).encode() + b"\0"
+        prefix = self._prefix(entities)
         return [hashlib.sha256(prefix + text.encode()).digest() for text in texts]
+
+    def _prefix(self, entities: tuple[str, ...]) -> bytes:
+        """The secret and a digest of `entities`, made again only when other rules are used
+        (each rules object keeps its tuple): joining and hashing some thirty names per request
+        cost more than hashing the text."""
+        if entities is not self._key_entities:
+            names = hashlib.sha256(",".join(entities).encode()).digest()
+            self._key_prefix, self._key_entities = self._cache_key + names, entities
+        return self._key_prefix
 
     async def _analyzed(
         self,
@@ -185,13 +202,13 @@ class Redactor:
 
     def _applied(
         self, key: bytes, entry: _Cached, text: str, rules: RedactionRules
-    ) -> list[Finding]:
-        """`apply_rules` on a cached analysis, remembered until other rules are used on it."""
-        if entry.rules is not rules:
-            entry = _Cached(entry.raw, rules, tuple(apply_rules(text, entry.raw, rules)))
-            if key in self._cache:
-                self._cache[key] = entry
-        return list(entry.findings)
+    ) -> tuple[Finding, ...]:
+        """`apply_rules` on a fresh analysis or one cached under other rules, remembered until
+        other rules are used on it."""
+        entry = _Cached(entry.raw, rules, tuple(apply_rules(text, entry.raw, rules)))
+        if key in self._cache:
+            self._cache[key] = entry
+        return entry.findings
 
     async def _run(
         self, texts: list[str], entities: tuple[str, ...]

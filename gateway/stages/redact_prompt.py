@@ -9,15 +9,15 @@ does) nor log values.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway import metrics
 from gateway.errors import ContentPolicyError
 from gateway.event_json import json_event, payload_of
 from gateway.exchange import Exchange
-from gateway.log import get_logger
+from gateway.log import debug_enabled, get_logger
 from gateway.pipeline import Stage
 from gateway.placeholders import (
     PLACEHOLDER,
@@ -27,7 +27,7 @@ from gateway.placeholders import (
     restore_tree,
 )
 from gateway.redaction_payload import collect_texts
-from gateway.redaction_rules import RedactionRules
+from gateway.redaction_rules import Action, RedactionRules
 from gateway.redactor import Finding
 from gateway.sse import SseEvent
 
@@ -39,7 +39,9 @@ class TextAnalyzer(Protocol):
 
     rules: RedactionRules
 
-    async def analyze(self, texts: Sequence[str], rules: RedactionRules) -> list[list[Finding]]: ...
+    async def analyze(
+        self, texts: Sequence[str], rules: RedactionRules
+    ) -> Sequence[Sequence[Finding]]: ...
 
     def keyed_hash(self, value: str) -> str: ...
 
@@ -56,6 +58,7 @@ class RedactPrompt(Stage):
     def __init__(self, redactor: TextAnalyzer, *, rules_for: RulesFor | None = None) -> None:
         self._redactor = redactor
         self._rules_for = rules_for or (lambda _: redactor.rules)
+        self._treatments = Treatments(redactor.rules)
 
     async def on_request(self, exchange: Exchange) -> None:
         if exchange.endpoint == "models":
@@ -69,18 +72,23 @@ class RedactPrompt(Stage):
         findings = await self._redactor.analyze(texts, rules)
         if not any(findings):
             return
-        replacer = Replacer(exchange, rules, self._redactor.keyed_hash, taken_placeholders(texts))
+        if self._treatments.rules is not rules:  # e.g. a tenant's policies, or reloaded ones
+            self._treatments = Treatments(rules)
+        replacer = Replacer(
+            exchange, self._treatments, self._redactor.keyed_hash, taken_placeholders(texts)
+        )
         for slot, text, found in zip(slots, texts, findings, strict=True):
             if found:
                 slot.set(replacer.replace(text, found, slot.where))
         collected.write_json_fields()
         exchange.mark_changed()
-        log.debug("prompt_redacted", entities=dict(exchange.redaction_counts))
+        if debug_enabled():
+            log.debug("prompt_redacted", entities=dict(exchange.redaction_counts))
 
     async def on_response(self, exchange: Exchange, completion: dict[str, Any]) -> dict[str, Any]:
         table = restore_table(exchange)
         if table:
-            restore_tree(completion, table, json_escaped(table))
+            restore_tree(completion, table)
         return completion
 
     def on_stream(
@@ -108,21 +116,47 @@ def taken_placeholders(texts: Sequence[str]) -> set[str]:
     return {match for text in texts if "<" in text for match in PLACEHOLDER.findall(text)}
 
 
+@dataclass(frozen=True, slots=True)
+class Treatment:
+    """What findings of one entity type get under some rules, and the counter they add to."""
+
+    action: Action
+    restore: bool
+    count: metrics.Observe
+
+
+class Treatments:
+    """Each entity type's `Treatment` under one rules object, worked out on its first finding:
+    the stage keeps them while the rules stay the same, so a finding costs one lookup."""
+
+    def __init__(self, rules: RedactionRules) -> None:
+        self.rules = rules
+        self._known: dict[str, Treatment] = {}
+
+    def of(self, entity: str) -> Treatment:
+        known = self._known.get(entity)
+        if known is None:
+            rule = self.rules.rule_for(entity)
+            count = metrics.incrementer(metrics.REDACTION_ENTITIES, entity, rule.action)
+            known = self._known[entity] = Treatment(rule.action, rule.restore, count)
+        return known
+
+
 class Replacer:
     """Applies each finding's action; one per request, so equal values share a placeholder."""
 
     def __init__(
-        self, exchange: Exchange, rules: RedactionRules, hasher: Callable[[str], str],
+        self, exchange: Exchange, treatments: Treatments, hasher: Callable[[str], str],
         taken: set[str],
     ) -> None:  # fmt: skip
         self._exchange = exchange
-        self._rules = rules
+        self._treatments = treatments
         self._hasher = hasher
         self._taken = taken
         self._issued: dict[tuple[str, str], str] = {}
-        self._numbers: defaultdict[str, int] = defaultdict(int)
+        self._numbers: dict[str, int] = {}
 
-    def replace(self, text: str, findings: list[Finding], where: str) -> str:
+    def replace(self, text: str, findings: Sequence[Finding], where: str) -> str:
         out, position = [], 0
         for finding in findings:
             out.append(text[position : finding.start])
@@ -132,9 +166,9 @@ class Replacer:
         return "".join(out)
 
     def _substitute(self, entity: str, value: str, where: str) -> str:
-        rule = self._rules.rule_for(entity)
-        action = rule.action
-        metrics.incrementer(metrics.REDACTION_ENTITIES, entity, action)(1)
+        treatment = self._treatments.of(entity)
+        treatment.count(1)
+        action = treatment.action
         if action == "block":
             raise ContentPolicyError(
                 f"The request contains a value of type {entity} in {where}, which this gateway "
@@ -147,7 +181,7 @@ class Replacer:
             return re.sub(r"\S", "*", value)
         if action == "hash":
             return f"<{entity}#{self._hasher(value)}>"
-        return self._pseudonym(entity, value, restore=rule.restore)
+        return self._pseudonym(entity, value, restore=treatment.restore)
 
     def _pseudonym(self, entity: str, value: str, *, restore: bool) -> str:
         key = (entity, value)
@@ -160,13 +194,11 @@ class Replacer:
         return issued
 
     def _next_placeholder(self, entity: str) -> str:
-        number = self._numbers[entity]
-        while True:
+        number = self._numbers.get(entity, 0) + 1
+        while (candidate := placeholder(entity, number)) in self._taken:
             number += 1
-            candidate = placeholder(entity, number)
-            if candidate not in self._taken:
-                self._numbers[entity] = number
-                return candidate
+        self._numbers[entity] = number
+        return candidate
 
 
 class StreamRestorer:

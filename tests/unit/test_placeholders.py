@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
 from faker import Faker
 
 from gateway.placeholders import json_escaped, restore_tree
@@ -26,7 +27,8 @@ def test_escaped_values_are_what_json_writes_inside_a_string():
     assert escaped == {k: json.dumps(v, ensure_ascii=False)[1:-1] for k, v in table.items()}
 
 
-def test_tree_is_restored_everywhere_and_arguments_stay_valid_json():
+@pytest.mark.parametrize("escaped_given", [True, False])
+def test_tree_is_restored_everywhere_and_arguments_stay_valid_json(escaped_given):
     value = 'Ann "Nan" O\\Neil'
     table = {"<PERSON_1>": value, "<EMAIL_ADDRESS_1>": "ann@example.org"}
     tree = {
@@ -36,7 +38,10 @@ def test_tree_is_restored_everywhere_and_arguments_stay_valid_json():
                                      "arguments": json.dumps({"to": "<PERSON_1>"})}}]}}],
         "list": ["<EMAIL_ADDRESS_1>", ["<PERSON_1>"], 1.5],
     }  # fmt: skip
-    restore_tree(tree, table, json_escaped(table))
+    if escaped_given:
+        restore_tree(tree, table, json_escaped(table))
+    else:  # worked out where an `arguments` string needs it
+        restore_tree(tree, table)
     message = tree["choices"][0]["message"]
     assert message["content"] == f"Hi {value}, ann@example.org, <PERSON_9>"
     assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == {"to": value}

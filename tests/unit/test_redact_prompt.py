@@ -8,10 +8,12 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from gateway.errors import ContentPolicyError, InvalidRequestError
 from gateway.event_json import json_event
 from gateway.exchange import Exchange
+from gateway.log import configure_logging
 from gateway.placeholders import Holdback
 from gateway.redaction_rules import EntityRule, RedactionRules
 from gateway.redactor import Finding
@@ -134,6 +136,33 @@ async def test_mask_hash_and_allow():
     assert exchange.placeholders == {}
 
 
+async def test_each_request_follows_its_own_rules():
+    masked = RedactionRules(entities={"PERSON": EntityRule(action="mask")})
+    blocked = RedactionRules(entities={"PERSON": EntityRule(action="block")})
+    per_tenant = {"a": RedactionRules(), "b": masked, "c": blocked}
+    stage = RedactPrompt(FakeAnalyzer(), rules_for=lambda exchange: per_tenant[exchange.path])
+    expected = {"a": "hi <PERSON_1>", "b": "hi ***** *****"}
+    actions = ("pseudonymize", "mask", "block")
+    before = {action: _counted("PERSON", action) for action in actions}
+    for tenant in ("a", "b", "c", "a", "b"):
+        exchange = _exchange("chat.completions", {"messages": [
+            {"role": "user", "content": "hi Alice Smith"}]})  # fmt: skip
+        exchange.path = tenant
+        if tenant == "c":
+            with pytest.raises(ContentPolicyError):
+                await stage.on_request(exchange)
+            continue
+        await stage.on_request(exchange)
+        assert exchange.body["messages"][0]["content"] == expected[tenant]
+    counted = [_counted("PERSON", action) - before[action] for action in actions]
+    assert counted == [2, 2, 1]
+
+
+def _counted(entity: str, action: str) -> float:
+    labels = {"entity": entity, "action": action}
+    return REGISTRY.get_sample_value("gateway_redaction_entities_total", labels) or 0.0
+
+
 async def test_client_written_placeholders_are_not_reused():
     body = {"messages": [{"role": "user", "content": "<PERSON_1> wrote to Alice Smith"}]}
     exchange, _ = await _redact("chat.completions", body)
@@ -148,6 +177,18 @@ async def test_nothing_found_leaves_the_body_untouched():
         "chat.completions", {"messages": [{"role": "user", "content": "hello"}]}
     )
     assert not exchange.body_changed and analyzer.seen == ["hello"]
+
+
+@pytest.mark.parametrize("level", ["debug", "info"])
+async def test_redaction_counts_are_a_debug_event(level, log_buffer):
+    configure_logging(level, "json", stream=log_buffer)
+    body = {"messages": [{"role": "user", "content": "Alice Smith alice@example.org"}]}
+    await _redact("chat.completions", body)
+    events = [json.loads(line) for line in log_buffer.getvalue().splitlines()]
+    redacted = [event for event in events if event["event"] == "prompt_redacted"]
+    expected = {"PERSON": 1, "EMAIL_ADDRESS": 1}
+    assert redacted == ([] if level == "info" else [{**redacted[0], "entities": expected}])
+    assert "Alice" not in log_buffer.getvalue()
 
 
 def _restoring_exchange(restore_secret: bool = False) -> Exchange:

@@ -33,7 +33,7 @@ def caught(sample: Sample, findings: list[Finding]) -> bool:
     return covered / len(wanted) >= 0.9
 
 
-def score(data: list[Sample], results: list[list[Finding]]) -> dict[str, tuple[int, int]]:
+def score(data: list[Sample], results: list[tuple[Finding, ...]]) -> dict[str, tuple[int, int]]:
     """Per kind: (hits, total); for LOOKALIKE, hits are false positives."""
     table: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for sample, findings in zip(data, results, strict=True):
@@ -42,7 +42,7 @@ def score(data: list[Sample], results: list[list[Finding]]) -> dict[str, tuple[i
     return {kind: (hits, total) for kind, (hits, total) in table.items()}
 
 
-async def _analyze(redactor: Redactor, texts: list[str]) -> list[list[Finding]]:
+async def _analyze(redactor: Redactor, texts: list[str]) -> list[tuple[Finding, ...]]:
     batches = [texts[i : i + 100] for i in range(0, len(texts), 100)]
     done = await asyncio.gather(*(redactor.analyze(b, redactor.rules) for b in batches))
     return [findings for batch in done for findings in batch]

@@ -260,3 +260,14 @@ async def test_cached_text_follows_the_rules_of_each_call(pattern_redactors):
     for rules, expected in ((strict, 2), (lenient, 1), (strict, 2), (lenient, 1)):
         (found,) = await local.analyze([text], rules)
         assert len(found) == expected
+
+
+def test_cache_keys_name_the_entity_types_looked_for():
+    engine = Redactor(RedactionSettings(enabled=True, workers=1))
+    text = ["Mail ola.berg@example.net now."]
+    emails = engine._keys(("EMAIL_ADDRESS",), text)
+    both = engine._keys(("EMAIL_ADDRESS", "PHONE_NUMBER"), text)
+    assert emails != both
+    other_rules = tuple(["EMAIL_ADDRESS"])  # an equal tuple, another object
+    assert engine._keys(other_rules, text) == emails
+    assert engine._keys(("EMAIL_ADDRESS", "PHONE_NUMBER"), ["Mail them."]) != both

@@ -87,23 +87,19 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     exchange.route = request.app[CATALOG].resolve(exchange.model)
     exchange.is_stream = body.get("stream") is True
     exchange.client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    written: list[web.StreamResponse] = []
+    written: list[web.StreamResponse] = []  # `_answered`, inline on the proxied requests' path
     await _run(request, exchange, written)
     return written[0]
 
 
 async def list_models(request: web.Request) -> web.StreamResponse:
-    written: list[web.StreamResponse] = []
-    await _run(request, _new_exchange(request, "models", b"", {}), written)
-    return written[0]
+    return await _answered(request, _new_exchange(request, "models", b"", {}))
 
 
 async def get_model(request: web.Request) -> web.StreamResponse:
     exchange = _new_exchange(request, "models", b"", {})
     exchange.model = request.match_info["model"]
-    written: list[web.StreamResponse] = []
-    await _run(request, exchange, written)
-    return written[0]
+    return await _answered(request, exchange)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -195,6 +191,13 @@ def _validate(endpoint: str, body: dict[str, Any]) -> None:
         raise InvalidRequestError("'messages' must be a non-empty array.", param="messages")
     if endpoint == "responses" and "input" not in body and "previous_response_id" not in body:
         raise InvalidRequestError("Missing required parameter: 'input'.", param="input")
+
+
+async def _answered(request: web.Request, exchange: Exchange) -> web.StreamResponse:
+    """The response the pipeline's run of `exchange` writes."""
+    written: list[web.StreamResponse] = []
+    await _run(request, exchange, written)
+    return written[0]
 
 
 def _run(

@@ -104,28 +104,36 @@ def plan(
 
 
 def _runs(batch: Sequence[Observation]) -> list[Run]:
-    """The batch's runs in the order they start (at one request: its principal's first).
-    (One dictionary per kind, written out twice: a loop over both kinds, or keys that
-    name the kind, cost a request more than the rest of its planning.)"""
+    """The batch's runs in the order they start (at one request: its principal's first)."""
     runs: list[Run] = []
-    principals: dict[str, Run] = {}
-    tenants: dict[str, Run] = {}
+    principals, tenants = _Current("principal", runs), _Current("tenant", runs)
     for position, obs in enumerate(batch):
         minute = int(obs.at // 60)
-        principal, tenant = obs.principal, obs.tenant
-        if principal:
-            run = principals.get(principal)
-            if run is None or run.minute != minute:
-                run = principals[principal] = Run("principal", principal, minute)
-                runs.append(run)
-            run.positions.append(position)
-        if tenant:
-            run = tenants.get(tenant)
-            if run is None or run.minute != minute:
-                run = tenants[tenant] = Run("tenant", tenant, minute)
-                runs.append(run)
-            run.positions.append(position)
+        if obs.principal:
+            principals.join(obs.principal, minute, position)
+        if obs.tenant:
+            tenants.join(obs.tenant, minute, position)
     return runs
+
+
+class _Current:
+    """The run each identity of one kind is in, while a batch is cut into runs."""
+
+    __slots__ = ("_kind", "_runs", "_by_ident")
+
+    def __init__(self, kind: str, runs: list[Run]) -> None:
+        self._kind = kind
+        self._runs = runs  # every kind's runs, in the order they start
+        self._by_ident: dict[str, Run] = {}
+
+    def join(self, ident: str, minute: int, position: int) -> None:
+        """Adds `position` to `ident`'s run, starting a new one at its first request or when
+        the minute moved on."""
+        run = self._by_ident.get(ident)
+        if run is None or run.minute != minute:
+            run = self._by_ident[ident] = Run(self._kind, ident, minute)
+            self._runs.append(run)
+        run.positions.append(position)
 
 
 @dataclass(slots=True)
